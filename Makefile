@@ -1,0 +1,44 @@
+# Two commands a newcomer needs:
+#   make demo   cluster up, chart installed, sample TrainingJob trained, a worker killed, recovery shown
+#   make test   everything CI runs: lint, type-check, unit tests, end-to-end tests on the local cluster
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: venv lint unit e2e test demo binaries cluster-up cluster-down clean
+
+$(BIN)/relaunch: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/relaunch
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q tests
+
+binaries:
+	bash e2e/cluster/build.sh
+
+e2e: venv binaries
+	$(BIN)/pytest -q e2e
+
+test: lint unit e2e
+
+demo: venv binaries
+	$(BIN)/python -m e2e.demo
+
+cluster-up: venv binaries
+	$(BIN)/python -m e2e.cluster up
+
+cluster-down: venv
+	$(BIN)/python -m e2e.cluster down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

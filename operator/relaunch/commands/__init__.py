@@ -1,0 +1,1 @@
+"""Sub-commands of the ``relaunch`` CLI, one module each (see ``relaunch.cli``)."""
