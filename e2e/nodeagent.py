@@ -1,0 +1,1556 @@
+"""The node agent: stands in for the kubelet of N nodes and runs their pods as local processes.
+
+Started by ``python -m e2e.cluster up`` (``python -m e2e.nodeagent --help``). What it does:
+
+* **Nodes**: registers each Node (capacity, addresses ``127.<b>.0.<i>``, a ``Ready`` condition),
+  renews its ``Lease`` in ``kube-node-lease`` every 2 s and its status every 10 s, like a kubelet.
+* **Pods** bound to its nodes (by the real scheduler) run as child processes: each container's
+  ``command`` + ``args`` (images are ignored; the project's venv ``bin/`` is first on ``PATH``),
+  with ``env``/``envFrom`` (downward-API ``fieldRef``, configMap/secret keys, ``$(VAR)``
+  expansion), ``workingDir``, and the Kubernetes service environment
+  (``KUBERNETES_SERVICE_HOST=127.0.0.1``, ``KUBERNETES_SERVICE_PORT=<secure port>``).
+* **Volumes** become host folders under ``<state>/pods/<ns>/<pod>/<uid>/volumes/``: emptyDir
+  (a folder), configMap/secret/downwardAPI/projected (materialised files, including the
+  service-account token from the TokenRequest API, bound to the pod), hostPath (as is), and
+  persistentVolumeClaim (the bound PV's hostPath; the agent provisions PVs for the default
+  StorageClass ``testbed`` in ``<state>/pv/<ns>/<claim>-<uid8>/``, shared by every pod using the
+  claim, like NFS). Each container runs in its own mount and UTS namespace
+  (``unshare --mount --uts``) where every volume is bind-mounted at its ``mountPath`` and the
+  termination-message file at ``terminationMessagePath``; its hostname is the pod's.
+* **Networking**: each pod gets its own loopback address ``127.<b>.<x>.<y>`` as ``status.podIP``.
+  Names are published in a managed block of ``/etc/hosts``: ``<hostname>.<subdomain>.<ns>.svc``
+  (and ``.svc.cluster.local``) for pods whose ``subdomain`` names a headless Service, the
+  headless Service's own name for the Running pods it selects, and the pod's bare hostname.
+* **Status** is reported like a kubelet: Pending → Running (podIP, hostIP, containerStatuses
+  with ``state.running.startedAt``, conditions) → Succeeded/Failed with exit code, reason and
+  termination message; ``restartPolicy`` Never/OnFailure/Always; graceful deletion (SIGTERM,
+  grace period, SIGKILL, then delete with grace 0).
+* **Controls** over HTTP on 127.0.0.1: ``POST /kill_pod/<ns>/<pod>``, ``POST /lose_node/<node>``
+  (heartbeats stop, processes are SIGKILLed, the node's pods freeze: a powered-off machine),
+  ``POST /restore_node/<node>``, ``GET /status``, ``GET /healthz``.
+
+Pods share the host's network namespace: a pod listening on ``0.0.0.0:<port>`` takes that port
+from every other pod (of every cluster on the machine); servers should bind ``$(POD_IP)``
+(``status.podIP`` through a ``fieldRef``). Mount points created on the host for ``mountPath``s
+(``/shared/output``, ``/dev/termination-log``, ...) are left in place: removing one would detach
+that path's mounts in the pods of any other cluster running at the time.
+
+Probes: readiness and liveness (httpGet and tcpSocket against the pod IP, exec inside the
+container's namespaces); a container without a readiness probe is Ready as soon as it runs.
+Not done: startup and grpc probes (taken as passing; a startup probe also disables the
+liveness probe, which would wait for it), resource limits, ClusterIP
+Services (no kube-proxy: use headless Services and pod names), image entrypoints (a container
+needs a ``command``), ``kubectl logs``/``exec`` (logs are files: ``<pod dir>/<container>.log``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import requests
+import urllib3
+
+LOG = logging.getLogger("nodeagent")
+HOSTS_FILE = Path(os.environ.get("RELAUNCH_HOSTS_FILE", "/etc/hosts"))
+HOSTS_LOCK = Path("/tmp/relaunch-testbed-hosts.lock")
+POD_MARKER_ENV = "RELAUNCH_TESTBED_CLUSTER"
+STORAGE_CLASS = "testbed"
+PROVISIONER = "relaunch.dev/testbed-hostpath"
+KUBELET_VERSION = "v1.37.2"
+LEASE_RENEW_S = 2.0
+NODE_STATUS_S = 10.0
+NODE_CPU = "32"
+NODE_MEMORY = "128Gi"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_micro() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+OCTET_LOCKS = Path("/tmp/relaunch-testbed-octets")
+
+
+def claim_address_octet(state_dir: Path) -> tuple[int, Any]:
+    """Second octet of this cluster's loopback addresses, unique among the agents running now.
+
+    Each agent holds an flock on ``/tmp/relaunch-testbed-octets/<octet>`` for its lifetime (the
+    kernel releases it when the agent dies), trying first the octet its state dir hashes to.
+    Returns the octet and the open lock file (keep it open).
+    """
+    OCTET_LOCKS.mkdir(exist_ok=True)
+    first = int(hashlib.sha256(str(state_dir).encode()).hexdigest(), 16) % 200
+    for i in range(200):
+        octet = 16 + (first + i) % 200
+        handle = (OCTET_LOCKS / str(octet)).open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return octet, handle
+    raise RuntimeError(f"all 200 address ranges in {OCTET_LOCKS} are held by running node agents")
+
+
+# ----------------------------------------------------------------------------------------------
+# /etc/hosts
+
+
+def _hosts_markers(state_dir: Path) -> tuple[str, str]:
+    return f"# BEGIN relaunch-testbed {state_dir}", f"# END relaunch-testbed {state_dir}"
+
+
+def write_hosts_block(state_dir: Path, lines: list[str]) -> None:
+    """Replace this cluster's block in /etc/hosts (other content and other clusters' blocks kept)."""
+    begin, end = _hosts_markers(state_dir)
+    with HOSTS_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            old = HOSTS_FILE.read_text()
+        except FileNotFoundError:
+            old = ""
+        kept, inside = [], False
+        for line in old.splitlines():
+            if line == begin:
+                inside = True
+            elif line == end and inside:
+                inside = False
+            elif not inside:
+                kept.append(line)
+        new_lines = kept + ([begin, *lines, end] if lines else [])
+        new = "\n".join(new_lines) + "\n"
+        if new == old:
+            return
+        tmp = HOSTS_FILE.with_name(HOSTS_FILE.name + ".relaunch-tmp")
+        try:  # atomic when /etc/hosts is a plain file
+            tmp.write_text(new)
+            tmp.chmod(HOSTS_FILE.stat().st_mode & 0o777 if HOSTS_FILE.exists() else 0o644)
+            tmp.replace(HOSTS_FILE)
+        except OSError:  # a bind-mounted /etc/hosts cannot be replaced: rewrite it in place
+            tmp.unlink(missing_ok=True)
+            with HOSTS_FILE.open("w") as out:
+                out.write(new)
+
+
+def remove_hosts_block(state_dir: Path) -> None:
+    with contextlib.suppress(OSError):
+        write_hosts_block(state_dir, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# a small REST client (explicit content types; one requests session per thread)
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class Kube:
+    def __init__(self, server: str, ca: Path, cert: Path, key: Path) -> None:
+        self.server = server
+        self.ca, self.cert, self.key = str(ca), str(cert), str(key)
+        self.local = threading.local()
+
+    def session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self.local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # REQUESTS_CA_BUNDLE would silently replace our CA
+            session.verify = self.ca
+            session.cert = (self.cert, self.key)
+            self.local.session = session
+        return session
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        content_type: str = "application/json",
+        timeout: float = 30,
+    ) -> Any:
+        data = json.dumps(body) if body is not None else None
+        response = self.session().request(
+            method,
+            self.server + path,
+            data=data,
+            params=params,
+            timeout=timeout,
+            headers={"Content-Type": content_type, "Accept": "application/json"},
+        )
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise KubeError(response.status_code, message)
+        return response.json() if response.content else None
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.call("GET", path, params=params or None)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self.call("POST", path, body)
+
+    def patch(self, path: str, body: Any, strategic: bool = True) -> Any:
+        kind = "strategic-merge-patch" if strategic else "merge-patch"
+        return self.call("PATCH", path, body, content_type=f"application/{kind}+json")
+
+    def delete(self, path: str, body: Any = None) -> Any:
+        return self.call("DELETE", path, body)
+
+    def watch(self, path: str, resource_version: str, timeout_s: int = 240) -> Any:
+        params = {
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_s),
+        }
+        with self.session().get(self.server + path, params=params, stream=True, timeout=timeout_s + 30) as r:
+            if r.status_code >= 400:
+                raise KubeError(r.status_code, r.text)
+            for line in r.iter_lines():
+                if line:
+                    yield json.loads(line)
+
+
+def pod_path(ns: str, name: str) -> str:
+    return f"/api/v1/namespaces/{ns}/pods/{name}"
+
+
+# ----------------------------------------------------------------------------------------------
+# env and volumes
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)")
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion: known variables are replaced, ``$$`` escapes, others stay."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return _VAR_REF.sub(replace, value)
+
+
+def field_ref(pod: dict[str, Any], path: str, pod_ip: str, host_ip: str) -> str:
+    meta, spec = pod["metadata"], pod["spec"]
+    simple = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta["uid"],
+        "spec.nodeName": spec.get("nodeName", ""),
+        "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        "status.podIP": pod_ip,
+        "status.podIPs": pod_ip,
+        "status.hostIP": host_ip,
+        "status.hostIPs": host_ip,
+    }
+    if path in simple:
+        return simple[path]
+    match = re.fullmatch(r"metadata\.(labels|annotations)(?:\['(.*)'\])?", path)
+    if match:
+        values = meta.get(match.group(1)) or {}
+        if match.group(2) is not None:
+            return str(values.get(match.group(2), ""))
+        return "\n".join(f'{k}="{v}"' for k, v in sorted(values.items()))
+    raise ValueError(f"unsupported fieldRef {path!r}")
+
+
+class NotReadyYet(Exception):
+    """Something the pod needs does not exist yet (a ConfigMap, a bound PVC): retry later."""
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# pods
+
+
+class Container:
+    """One container's process and its reported state."""
+
+    def __init__(self, spec: dict[str, Any], init: bool) -> None:
+        self.spec = spec
+        self.name: str = spec["name"]
+        self.init = init
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at: str | None = None
+        self.restart_count = 0
+        self.state: dict[str, Any] = {"waiting": {"reason": "ContainerCreating"}}
+        self.last_state: dict[str, Any] = {}
+        self.restart_at: float | None = None  # monotonic time of a pending restart (back-off)
+        self.started_mono = 0.0
+        # probe kind -> {"next": monotonic time, "failures": n, "successes": n}; reset at each start
+        self.probes: dict[str, dict[str, float]] = {}
+        self.probed_ready = "readinessProbe" not in spec  # no probe: Ready as soon as it runs
+
+    @property
+    def ready(self) -> bool:
+        return self.running and not self.init and self.probed_ready
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    @property
+    def terminated(self) -> dict[str, Any] | None:
+        return self.state.get("terminated")
+
+    def status(self, pod_uid: str) -> dict[str, Any]:
+        image = self.spec.get("image", "")
+        status = {
+            "name": self.name,
+            "image": image,
+            "imageID": f"testbed://{image}",
+            "ready": self.ready,
+            "started": self.running,
+            "restartCount": self.restart_count,
+            "state": self.state,
+            "lastState": self.last_state,
+        }
+        if self.process is not None:
+            status["containerID"] = f"testbed://{pod_uid}/{self.name}/{self.process.pid}"
+        return status
+
+
+class PodWorker(threading.Thread):
+    """Runs one pod from preparation to removal, reporting its status like a kubelet."""
+
+    def __init__(self, agent: Agent, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
+        self.agent = agent
+        self.pod = pod
+        self.uid: str = meta["uid"]
+        self.ns: str = meta["namespace"]
+        self.pod_name: str = meta["name"]
+        self.node: str = pod["spec"]["nodeName"]
+        self.dir = agent.state_dir / "pods" / self.ns / self.pod_name / self.uid
+        self.restart_policy: str = pod["spec"].get("restartPolicy", "Always")
+        self.init_containers = [Container(c, True) for c in pod["spec"].get("initContainers") or []]
+        self.containers = [Container(c, False) for c in pod["spec"]["containers"]]
+        self.pod_ip = ""
+        self.host_ip = agent.nodes[self.node].ip
+        self.hostname = (pod["spec"].get("hostname") or self.pod_name)[:63]
+        self.phase = "Pending"
+        self.start_time = now()
+        self.conditions: dict[str, dict[str, Any]] = {}
+        self.volumes: dict[str, Path] = {}
+        self.gone = threading.Event()  # the Pod object no longer exists
+        self.kill_requested = threading.Event()
+        self.lock = threading.Lock()
+        self.last_reported: Any = None
+        self.initialized = not self.init_containers
+        self.prepared = False
+        self.finalized = False
+
+    # -- events from the watcher and the controls
+    def update(self, pod: dict[str, Any]) -> None:
+        with self.lock:
+            self.pod = pod
+
+    @property
+    def deletion_grace(self) -> int | None:
+        meta = self.pod["metadata"]
+        if not meta.get("deletionTimestamp"):
+            return None
+        return int(meta.get("deletionGracePeriodSeconds") or 0)
+
+    def signal_all(self, sig: int) -> None:
+        for container in self.init_containers + self.containers:
+            if container.running and container.process is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(container.process.pid, sig)
+
+    def lost(self) -> bool:
+        return self.agent.nodes[self.node].lost
+
+    # -- the pod's life
+    def run(self) -> None:
+        try:
+            self.live()
+        except Exception as error:  # a testbed bug: say so in the pod's status rather than hang
+            LOG.exception("pod %s/%s: worker failed", self.ns, self.pod_name)
+            self.signal_all(signal.SIGKILL)
+            for container in self.init_containers + self.containers:
+                if not container.terminated:
+                    message = f"node agent error: {error!r}"
+                    container.state = {
+                        "terminated": {"exitCode": 128, "reason": "StartError", "message": message}
+                    }
+            self.phase = "Failed"
+            with contextlib.suppress(Exception):
+                self.report()
+            self.gone.wait()  # keep the IP and files until the pod is deleted
+        finally:
+            self.signal_all(signal.SIGKILL)
+            self.agent.forget(self)
+
+    def live(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pod_ip = self.agent.allocate_ip()
+        self.report()
+        while not self.prepared:
+            if self.gone.is_set():
+                return
+            if self.deletion_grace is not None and not self.lost():
+                self.finish_deletion()
+                return
+            if not self.lost():
+                try:
+                    self.prepare()
+                    self.prepared = True
+                    break
+                except NotReadyYet as why:
+                    self.set_waiting("ContainerCreating", str(why))
+                except Exception as error:  # a volume or env the testbed cannot provide
+                    LOG.exception("pod %s/%s: preparation failed", self.ns, self.pod_name)
+                    self.set_waiting("CreateContainerConfigError", str(error))
+                self.report()
+            time.sleep(1)
+        self.set_condition("PodReadyToStartContainers", True)
+        if self.initialized:
+            self.set_condition("Initialized", True)
+        was_lost = False
+        while not self.gone.is_set():
+            if self.lost():
+                was_lost = True
+                for container in self.init_containers + self.containers:
+                    if container.process is not None:
+                        container.process.poll()  # reap, but a powered-off node reports nothing
+                time.sleep(0.1)
+                continue
+            if was_lost:
+                was_lost = False
+                self.after_power_on()
+            if self.deletion_grace is not None:
+                self.finish_deletion()
+                return
+            if self.kill_requested.is_set():
+                self.kill_requested.clear()
+                self.signal_all(signal.SIGKILL)
+            self.step()
+            self.report()
+            time.sleep(0.1)
+
+    def prepare(self) -> None:
+        """Materialise every volume (raises NotReadyYet while a referenced object is missing)."""
+        for volume in self.pod["spec"].get("volumes") or []:
+            self.volumes[volume["name"]] = self.agent.materialise_volume(self, volume)
+
+    def step(self) -> None:
+        """Start, reap and restart processes; compute the phase."""
+        if self.phase in ("Succeeded", "Failed"):
+            return
+        if not self.initialized:
+            for container in self.init_containers:
+                if self.advance(container):
+                    failed = container.terminated is not None and container.terminated["exitCode"] != 0
+                    if failed and self.restart_policy == "Never":
+                        self.phase = "Failed"
+                        for main in self.containers:
+                            main.state = {"waiting": {"reason": "PodInitializing"}}
+                        return
+                    continue
+                return  # this init container is still running or waiting to restart
+            self.initialized = True
+            self.set_condition("Initialized", True)
+        for container in self.containers:
+            self.advance(container)
+            if container.running:
+                self.probe(container)
+        if all(c.terminated and c.restart_at is None for c in self.containers):
+            failed = any(c.terminated and c.terminated["exitCode"] != 0 for c in self.containers)
+            self.phase = "Failed" if failed else "Succeeded"
+            self.set_condition("Ready", False, "PodCompleted")
+            self.set_condition("ContainersReady", False, "PodCompleted")
+        else:
+            self.phase = "Running"
+            ready = all(c.ready for c in self.containers)
+            self.set_condition("Ready", ready, None if ready else "ContainersNotReady")
+            self.set_condition("ContainersReady", ready, None if ready else "ContainersNotReady")
+
+    def advance(self, container: Container) -> bool:
+        """Drive one container; True once it has terminated for good (no restart coming)."""
+        if container.process is None:
+            if container.terminated:
+                return True  # it could not run at all
+            if container.restart_at is None or time.monotonic() >= container.restart_at:
+                container.restart_at = None
+                self.launch(container)
+            return False
+        if container.running:
+            code = container.process.poll()
+            if code is None:
+                return False
+            self.record_exit(container, code)
+        if container.restart_at is not None:
+            if time.monotonic() >= container.restart_at:
+                container.restart_at = None  # record_exit kept the last run in last_state
+                container.restart_count += 1
+                self.launch(container)
+            return False
+        return True
+
+    def probe(self, container: Container) -> None:
+        """Readiness and liveness probes (httpGet, tcpSocket, exec) as the kubelet runs them."""
+        for kind in ("readinessProbe", "livenessProbe"):
+            spec = container.spec.get(kind)
+            if not spec or (kind == "livenessProbe" and "startupProbe" in container.spec):
+                continue  # startup probes are not run, so liveness (which waits for them) is not either
+            state = container.probes.setdefault(
+                kind,
+                {
+                    "next": container.started_mono + spec.get("initialDelaySeconds", 0),
+                    "failures": 0,
+                    "successes": 0,
+                },
+            )
+            if time.monotonic() < state["next"]:
+                continue
+            state["next"] = time.monotonic() + spec.get("periodSeconds", 10)
+            ok = self.run_probe(container, spec)
+            state["failures"] = 0 if ok else state["failures"] + 1
+            state["successes"] = state["successes"] + 1 if ok else 0
+            if kind == "readinessProbe":
+                if ok and state["successes"] >= spec.get("successThreshold", 1):
+                    container.probed_ready = True
+                elif not ok and state["failures"] >= spec.get("failureThreshold", 3):
+                    container.probed_ready = False
+            elif not ok and state["failures"] >= spec.get("failureThreshold", 3) and container.process:
+                LOG.info("pod %s/%s container %s failed its liveness probe: killed", self.ns, self.pod_name,
+                         container.name)  # fmt: skip
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(container.process.pid, signal.SIGKILL)
+
+    def run_probe(self, container: Container, spec: dict[str, Any]) -> bool:
+        timeout = float(spec.get("timeoutSeconds", 1))
+
+        def port_number(port: Any) -> int:
+            if isinstance(port, int) or str(port).isdigit():
+                return int(port)
+            for declared in container.spec.get("ports") or []:
+                if declared.get("name") == port:
+                    return int(declared["containerPort"])
+            raise ValueError(f"no container port named {port!r}")
+
+        try:
+            if "httpGet" in spec:
+                get = spec["httpGet"]
+                scheme = get.get("scheme", "HTTP").lower()
+                host, port = get.get("host") or self.pod_ip, port_number(get["port"])
+                url = f"{scheme}://{host}:{port}{get.get('path', '/')}"
+                headers = {h["name"]: h["value"] for h in get.get("httpHeaders") or []}
+                session = requests.Session()
+                session.trust_env = False  # no proxies: the probe goes straight to the pod
+                response = session.get(
+                    url, headers=headers, timeout=timeout, verify=False, allow_redirects=False
+                )
+                return 200 <= response.status_code < 400
+            if "tcpSocket" in spec:
+                port = port_number(spec["tcpSocket"]["port"])
+                with socket.create_connection(
+                    (spec["tcpSocket"].get("host") or self.pod_ip, port), timeout=timeout
+                ):
+                    return True
+            if "exec" in spec and container.process is not None:
+                # inside the container's mount and UTS namespaces, with its environment
+                argv = ["nsenter", "--target", str(container.process.pid), "--mount", "--uts", "--",
+                        *spec["exec"]["command"]]  # fmt: skip
+                env = self.agent.container_env(self, container.spec)
+                done = subprocess.run(argv, env=env, capture_output=True, timeout=timeout, cwd="/")
+                return done.returncode == 0
+        except (OSError, ValueError, requests.RequestException, subprocess.TimeoutExpired, NotReadyYet):
+            return False
+        return True  # grpc and unknown probe kinds: not checked
+
+    def record_exit(self, container: Container, code: int, allow_restart: bool = True) -> None:
+        pid = container.process.pid if container.process else 0
+        exit_code = 128 - code if code < 0 else code  # killed by signal N: 128+N, as a runtime reports
+        term: dict[str, Any] = {
+            "exitCode": exit_code,
+            "reason": "Completed" if exit_code == 0 else "Error",
+            "startedAt": container.started_at,
+            "finishedAt": now(),
+            "containerID": f"testbed://{self.uid}/{container.name}/{pid}",
+        }
+        if code < 0:
+            term["signal"] = -code
+        message = self.termination_message(container, exit_code)
+        if message:
+            term["message"] = message
+        container.state = {"terminated": term}
+        restart = self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and exit_code != 0)
+        if container.init:
+            restart = exit_code != 0 and self.restart_policy != "Never"
+        if restart and allow_restart:
+            backoff = min(10.0, 1.0 * 2**container.restart_count)
+            container.restart_at = time.monotonic() + backoff
+            container.state = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff" if exit_code else "Completed",
+                    "message": f"back-off {backoff:g}s restarting {container.name}",
+                }
+            }
+            container.last_state = {"terminated": term}
+        LOG.info("pod %s/%s container %s exited %d", self.ns, self.pod_name, container.name, exit_code)
+
+    def termination_message(self, container: Container, exit_code: int) -> str:
+        path = self.dir / f"{container.name}.termination-log"
+        try:
+            message = path.read_bytes()[:4096].decode(errors="replace")
+        except OSError:
+            message = ""
+        policy = container.spec.get("terminationMessagePolicy", "File")
+        if not message and exit_code != 0 and policy == "FallbackToLogsOnError":
+            try:
+                lines = (self.dir / f"{container.name}.log").read_bytes()[-2048:].decode(errors="replace")
+                message = "\n".join(lines.splitlines()[-80:])
+            except OSError:
+                pass
+        return message
+
+    def launch(self, container: Container) -> None:
+        spec = container.spec
+        command = list(spec.get("command") or []) + list(spec.get("args") or [])
+        try:
+            env = self.agent.container_env(self, spec)
+        except NotReadyYet as why:
+            container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(why)}}
+            container.restart_at = time.monotonic() + 1
+            return
+        command = [expand(part, env) for part in command]
+        if not command:
+            container.state = {
+                "terminated": {
+                    "exitCode": 128,
+                    "reason": "ContainerCannotRun",
+                    "finishedAt": now(),
+                    "message": "the testbed runs only containers with a command",
+                }
+            }
+            container.process = None
+            return
+        termination_log = self.dir / f"{container.name}.termination-log"
+        termination_log.write_bytes(b"")
+        mounts: list[tuple[Path, str, bool]] = []
+        for mount in spec.get("volumeMounts") or []:
+            source = self.volumes.get(mount["name"])
+            if source is None:
+                container.state = {
+                    "terminated": {
+                        "exitCode": 128,
+                        "reason": "StartError",
+                        "finishedAt": now(),
+                        "message": f"volumeMount {mount['name']!r} names no volume",
+                    }
+                }
+                return
+            if mount.get("subPath"):
+                source = source / mount["subPath"]
+                if not source.exists():
+                    source.mkdir(parents=True)
+            mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
+        mounts.append((termination_log, spec.get("terminationMessagePath") or "/dev/termination-log", False))
+        workdir = spec.get("workingDir") or "/"
+        argv = self.agent.wrap(self, command, mounts, workdir)
+        log_file = (self.dir / f"{container.name}.log").open("ab")
+        try:
+            container.process = subprocess.Popen(
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                cwd="/",
+            )
+        except OSError as error:
+            container.state = {
+                "terminated": {
+                    "exitCode": 128,
+                    "reason": "StartError",
+                    "message": str(error),
+                    "finishedAt": now(),
+                }
+            }
+            return
+        finally:
+            log_file.close()
+        container.started_at = now()
+        container.started_mono = time.monotonic()
+        container.probes = {}
+        container.probed_ready = "readinessProbe" not in spec
+        container.state = {"running": {"startedAt": container.started_at}}
+        LOG.info(
+            "pod %s/%s container %s started: pid %d",
+            self.ns,
+            self.pod_name,
+            container.name,
+            container.process.pid,
+        )
+
+    def after_power_on(self) -> None:
+        """The node came back: what ran on it was killed when it lost power."""
+        for container in self.init_containers + self.containers:
+            if container.process is not None and "running" in container.state:
+                code = container.process.poll()
+                self.record_exit(container, code if code is not None else -signal.SIGKILL)
+
+    def finish_deletion(self) -> None:
+        """Graceful deletion: SIGTERM, wait the grace period, SIGKILL, report, delete with grace 0."""
+        grace = self.deletion_grace or 0
+        self.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        procs = [c for c in self.init_containers + self.containers if c.running]
+        while time.monotonic() < deadline and any(c.process and c.process.poll() is None for c in procs):
+            if self.gone.is_set() or self.lost():
+                break
+            time.sleep(0.05)
+        self.signal_all(signal.SIGKILL)
+        for container in procs:
+            if container.process is not None:
+                code = container.process.wait()
+                if "running" in container.state:
+                    self.record_exit(container, code, allow_restart=False)
+        if self.lost():
+            return  # a node that lost power mid-deletion reports nothing; after restore the pod is re-handled
+        if self.phase not in ("Succeeded", "Failed") and self.prepared:
+            failed = any(c.terminated and c.terminated["exitCode"] != 0 for c in self.containers)
+            self.phase = "Failed" if failed or not all(c.terminated for c in self.containers) else "Succeeded"
+        self.set_condition("Ready", False, "PodCompleted")
+        self.report()
+        self.agent.finalize_delete(self.ns, self.pod_name, self.uid)
+        self.gone.wait(30)
+
+    # -- status
+    def set_waiting(self, reason: str, message: str) -> None:
+        for container in self.init_containers + self.containers:
+            if container.process is None:
+                container.state = {"waiting": {"reason": reason, "message": message}}
+
+    def set_condition(self, kind: str, value: bool, reason: str | None = None) -> None:
+        status = "True" if value else "False"
+        old = self.conditions.get(kind)
+        if old is not None and old["status"] == status and old.get("reason") == reason:
+            return
+        condition: dict[str, Any] = {
+            "type": kind,
+            "status": status,
+            "lastProbeTime": None,
+            "lastTransitionTime": now(),
+        }
+        if reason:
+            condition["reason"] = reason
+        self.conditions[kind] = condition
+
+    def report(self) -> None:
+        if self.lost() or self.gone.is_set():
+            return
+        status: dict[str, Any] = {
+            "phase": self.phase,
+            "hostIP": self.host_ip,
+            "hostIPs": [{"ip": self.host_ip}],
+            "startTime": self.start_time,
+            "conditions": list(self.conditions.values()),
+            "containerStatuses": [c.status(self.uid) for c in self.containers],
+        }
+        if self.init_containers:
+            status["initContainerStatuses"] = [c.status(self.uid) for c in self.init_containers]
+        if self.prepared:
+            status["podIP"] = self.pod_ip
+            status["podIPs"] = [{"ip": self.pod_ip}]
+        if status == self.last_reported:
+            return
+        try:
+            self.agent.kube.patch(pod_path(self.ns, self.pod_name) + "/status", {"status": status})
+            self.last_reported = status
+            self.agent.hosts_dirty.set()
+        except KubeError as error:
+            if error.status == 404:
+                self.gone.set()
+            else:
+                LOG.warning("pod %s/%s: status update failed: %s", self.ns, self.pod_name, error)
+        except requests.RequestException as error:
+            LOG.warning("pod %s/%s: status update failed: %s", self.ns, self.pod_name, error)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "namespace": self.ns,
+            "name": self.pod_name,
+            "uid": self.uid,
+            "node": self.node,
+            "phase": self.phase,
+            "podIP": self.pod_ip,
+            "dir": str(self.dir),
+            "pids": {c.name: c.process.pid for c in self.containers if c.running and c.process},
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# the agent
+
+
+class NodeState:
+    def __init__(self, name: str, ip: str) -> None:
+        self.name = name
+        self.ip = ip
+        self.lost = False
+        self.uid = ""
+        self.ready_since = now()
+        self.last_status = 0.0
+        self.last_lease = 0.0
+
+
+class Agent:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.state_dir: Path = Path(args.state_dir).resolve()
+        pki = self.state_dir / "pki"
+        self.api_port: int = args.api_port
+        self.kube = Kube(
+            f"https://127.0.0.1:{args.api_port}", Path(args.ca_file), pki / "admin.crt", pki / "admin.key"
+        )
+        self.ca_file = Path(args.ca_file)
+        self.path_prefix: str = args.path_prefix
+        self.octet, self.octet_lock = claim_address_octet(self.state_dir)
+        names = [n for n in args.nodes.split(",") if n]
+        self.nodes = {name: NodeState(name, f"127.{self.octet}.0.{i + 1}") for i, name in enumerate(names)}
+        self.workers: dict[str, PodWorker] = {}
+        self.lock = threading.RLock()
+        self.next_ip = 0
+        self.stopping = threading.Event()
+        self.relist = threading.Event()
+        self.hosts_dirty = threading.Event()
+        self.namespaces_ok = self.probe_namespaces()
+
+    # -- helpers used by pods
+    def allocate_ip(self) -> str:
+        with self.lock:
+            n = self.next_ip
+            self.next_ip += 1
+        return f"127.{self.octet}.{1 + n // 250}.{1 + n % 250}"
+
+    def probe_namespaces(self) -> bool:
+        try:
+            done = subprocess.run(
+                ["unshare", "--mount", "--uts", "--propagation", "private", "--", "true"], capture_output=True
+            )
+        except OSError:
+            return False
+        if done.returncode != 0:
+            LOG.warning(
+                "mount namespaces unavailable (%s): volumes are NOT mounted at their mountPath; "
+                "pods see them only at their host folders",
+                done.stderr.decode(errors="replace").strip(),
+            )
+        return done.returncode == 0
+
+    def wrap(
+        self, worker: PodWorker, command: list[str], mounts: list[tuple[Path, str, bool]], workdir: str
+    ) -> list[str]:
+        """The argv that runs ``command`` with every mount bind-mounted at its path, in new namespaces."""
+        if not self.namespaces_ok:
+            return command
+        # parents before children, so that a mount inside another volume lands inside it
+        mounts = sorted(mounts, key=lambda m: len(Path(m[1]).parts))
+        # the new UTS namespace's hostname (no dependency on a `hostname` binary)
+        lines = ["set -e", f"printf %s {shlex.quote(worker.hostname)} > /proc/sys/kernel/hostname"]
+        for source, target, read_only in mounts:
+            tgt = Path(target)
+            q_src, q_tgt = shlex.quote(str(source)), shlex.quote(target)
+            if source.is_dir():
+                lines.append(f"mkdir -p {q_tgt}")
+            else:
+                lines.append(f"mkdir -p {shlex.quote(str(tgt.parent))}; [ -e {q_tgt} ] || : > {q_tgt}")
+            lines.append(f"mount --bind {q_src} {q_tgt}")
+            if read_only:
+                lines.append(f"mount -o remount,bind,ro {q_tgt}")
+        lines.append(f"mkdir -p {shlex.quote(workdir)}; cd {shlex.quote(workdir)}")
+        lines.append('exec "$@"')
+        return [
+            "unshare",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            "\n".join(lines),
+            "pod-init",
+            *command,
+        ]
+
+    def container_env(self, worker: PodWorker, spec: dict[str, Any]) -> dict[str, str]:
+        port = str(self.api_port)
+        env = {
+            "PATH": f"{self.path_prefix}:{SYSTEM_PATH}",
+            "HOME": "/root",
+            "LANG": "C.UTF-8",
+            "HOSTNAME": worker.hostname,
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": port,
+            "KUBERNETES_SERVICE_PORT_HTTPS": port,
+            "KUBERNETES_PORT": f"tcp://127.0.0.1:{port}",
+            f"KUBERNETES_PORT_{port}_TCP": f"tcp://127.0.0.1:{port}",
+            "KUBERNETES_PORT_443_TCP_PROTO": "tcp",
+            POD_MARKER_ENV: str(self.state_dir),
+        }
+        ns = worker.ns
+        for source in spec.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            ref = source.get("configMapRef") or source.get("secretRef")
+            if ref is None:
+                continue
+            data = self.referenced_data(
+                "configmaps" if "configMapRef" in source else "secrets",
+                ns,
+                ref["name"],
+                bool(ref.get("optional")),
+            )
+            for key, value in data.items():
+                env[prefix + key] = value.decode(errors="replace")
+        for item in spec.get("env") or []:
+            name = item["name"]
+            if "value" in item or "valueFrom" not in item:
+                env[name] = expand(item.get("value", ""), env)
+                continue
+            source = item["valueFrom"]
+            if "fieldRef" in source:
+                env[name] = field_ref(
+                    worker.pod, source["fieldRef"]["fieldPath"], worker.pod_ip, worker.host_ip
+                )
+            elif "resourceFieldRef" in source:
+                resource = source["resourceFieldRef"]["resource"]
+                kind, _, res = resource.partition(".")
+                amount = ((spec.get("resources") or {}).get(kind) or {}).get(res)
+                env[name] = (
+                    str(amount)
+                    if amount is not None
+                    else {"cpu": NODE_CPU, "memory": NODE_MEMORY}.get(res, "0")
+                )
+            else:
+                key_ref = source.get("configMapKeyRef") or source.get("secretKeyRef")
+                if key_ref is None:
+                    continue
+                kind = "configmaps" if "configMapKeyRef" in source else "secrets"
+                data = self.referenced_data(kind, ns, key_ref["name"], bool(key_ref.get("optional")))
+                if key_ref["key"] in data:
+                    env[name] = data[key_ref["key"]].decode(errors="replace")
+                elif not key_ref.get("optional"):
+                    raise NotReadyYet(f"{kind[:-1]} {ns}/{key_ref['name']} has no key {key_ref['key']!r}")
+        return env
+
+    def referenced_data(self, kind: str, ns: str, name: str, optional: bool) -> dict[str, bytes]:
+        """The key → bytes content of a ConfigMap or Secret (empty if optional and missing)."""
+        try:
+            obj = self.kube.get(f"/api/v1/namespaces/{ns}/{kind}/{name}")
+        except KubeError as error:
+            if error.status == 404:
+                if optional:
+                    return {}
+                raise NotReadyYet(f"{kind[:-1]} {ns}/{name} not found") from None
+            raise
+        result: dict[str, bytes] = {}
+        if kind == "secrets":
+            for key, value in (obj.get("data") or {}).items():
+                result[key] = base64.b64decode(value)
+        else:
+            for key, value in (obj.get("data") or {}).items():
+                result[key] = value.encode()
+            for key, value in (obj.get("binaryData") or {}).items():
+                result[key] = base64.b64decode(value)
+        return result
+
+    def write_items(
+        self, target: Path, data: dict[str, bytes], items: list[dict[str, Any]] | None, default_mode: int
+    ) -> None:
+        if items:
+            for item in items:
+                if item["key"] in data:
+                    _write_file(target / item["path"], data[item["key"]], item.get("mode", default_mode))
+        else:
+            for key, value in data.items():
+                _write_file(target / key, value, default_mode)
+
+    def materialise_volume(self, worker: PodWorker, volume: dict[str, Any]) -> Path:
+        name = volume["name"]
+        target = worker.dir / "volumes" / name
+        ns = worker.ns
+        if "hostPath" in volume:
+            path = Path(volume["hostPath"]["path"])
+            kind = volume["hostPath"].get("type", "")
+            if kind == "DirectoryOrCreate":
+                path.mkdir(parents=True, exist_ok=True)
+            elif kind == "FileOrCreate" and not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+            return path
+        if "emptyDir" in volume:
+            target.mkdir(parents=True, exist_ok=True)
+            return target
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            try:
+                pvc = self.kube.get(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{claim}")
+            except KubeError as error:
+                if error.status == 404:
+                    raise NotReadyYet(f"persistentvolumeclaim {ns}/{claim} not found") from None
+                raise
+            pv_name = pvc["spec"].get("volumeName")
+            if not pv_name:
+                raise NotReadyYet(f"persistentvolumeclaim {ns}/{claim} is not bound yet")
+            pv = self.kube.get(f"/api/v1/persistentvolumes/{pv_name}")
+            for kind in ("hostPath", "local"):
+                if kind in pv["spec"]:
+                    path = Path(pv["spec"][kind]["path"])
+                    path.mkdir(parents=True, exist_ok=True)
+                    return path
+            raise ValueError(
+                f"persistentvolume {pv_name} is neither hostPath nor local: the testbed cannot mount it"
+            )
+        target.mkdir(parents=True, exist_ok=True)
+        if "configMap" in volume or "secret" in volume:
+            kind = "configmaps" if "configMap" in volume else "secrets"
+            source = volume.get("configMap") or volume["secret"]
+            obj_name = source.get("name") or source.get("secretName")
+            data = self.referenced_data(kind, ns, obj_name, bool(source.get("optional")))
+            self.write_items(target, data, source.get("items"), source.get("defaultMode", 0o644))
+            return target
+        if "downwardAPI" in volume:
+            self.write_downward(worker, target, volume["downwardAPI"].get("items") or [], 0o644)
+            return target
+        if "projected" in volume:
+            mode = volume["projected"].get("defaultMode", 0o644)
+            for source in volume["projected"].get("sources") or []:
+                if "serviceAccountToken" in source:
+                    token = self.request_token(worker, source["serviceAccountToken"])
+                    _write_file(target / source["serviceAccountToken"]["path"], token.encode(), 0o600)
+                elif "configMap" in source or "secret" in source:
+                    kind = "configmaps" if "configMap" in source else "secrets"
+                    ref = source.get("configMap") or source["secret"]
+                    data = self.referenced_data(kind, ns, ref["name"], bool(ref.get("optional")))
+                    self.write_items(target, data, ref.get("items"), mode)
+                elif "downwardAPI" in source:
+                    self.write_downward(worker, target, source["downwardAPI"].get("items") or [], mode)
+            return target
+        raise ValueError(
+            f"volume {name!r}: type {sorted(set(volume) - {'name'})} is not supported by the testbed"
+        )
+
+    def write_downward(self, worker: PodWorker, target: Path, items: list[dict[str, Any]], mode: int) -> None:
+        for item in items:
+            if "fieldRef" in item:
+                value = field_ref(worker.pod, item["fieldRef"]["fieldPath"], worker.pod_ip, worker.host_ip)
+                _write_file(target / item["path"], value.encode(), item.get("mode", mode))
+
+    def request_token(self, worker: PodWorker, source: dict[str, Any]) -> str:
+        account = worker.pod["spec"].get("serviceAccountName") or "default"
+        spec: dict[str, Any] = {
+            "expirationSeconds": int(source.get("expirationSeconds", 3607)),
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": worker.pod_name, "uid": worker.uid},
+        }
+        if source.get("audience"):
+            spec["audiences"] = [source["audience"]]
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+        try:
+            result = self.kube.post(f"/api/v1/namespaces/{worker.ns}/serviceaccounts/{account}/token", body)
+        except KubeError as error:
+            if error.status == 404:
+                raise NotReadyYet(f"serviceaccount {worker.ns}/{account} not found") from None
+            raise
+        return str(result["status"]["token"])
+
+    def finalize_delete(self, ns: str, name: str, uid: str) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": 0,
+            "preconditions": {"uid": uid},
+        }
+        try:
+            self.kube.delete(pod_path(ns, name), body)
+        except KubeError as error:
+            if error.status not in (404, 409):
+                LOG.warning("pod %s/%s: final delete failed: %s", ns, name, error)
+
+    def forget(self, worker: PodWorker) -> None:
+        with self.lock:
+            if self.workers.get(worker.uid) is worker:
+                del self.workers[worker.uid]
+        self.hosts_dirty.set()
+        # emptyDir and materialised volumes go with the pod; logs stay for the tests to read
+        shutil.rmtree(worker.dir / "volumes", ignore_errors=True)
+
+    # -- nodes
+    def register_nodes(self) -> None:
+        for node in self.nodes.values():
+            body = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": node.name,
+                    "labels": {
+                        "kubernetes.io/hostname": node.name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "node.kubernetes.io/instance-type": "testbed",
+                    },
+                },
+            }
+            try:
+                created = self.kube.post("/api/v1/nodes", body)
+            except KubeError as error:
+                if error.status != 409:
+                    raise
+                created = self.kube.get(f"/api/v1/nodes/{node.name}")
+            node.uid = created["metadata"]["uid"]
+            self.node_status(node)
+            self.renew_lease(node)
+
+    def node_status(self, node: NodeState) -> None:
+        stamp = now()
+        # generous, so that resource requests never leave pods Pending on 3 nodes
+        resources = {"cpu": NODE_CPU, "memory": NODE_MEMORY, "pods": "110", "ephemeral-storage": "1Ti"}
+
+        def condition(kind: str, status: str, reason: str, message: str) -> dict[str, str]:
+            return {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastHeartbeatTime": stamp,
+                "lastTransitionTime": node.ready_since,
+            }
+
+        status = {
+            "capacity": resources,
+            "allocatable": resources,
+            "conditions": [
+                condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "testbed node"),
+                condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "testbed node"),
+                condition("PIDPressure", "False", "KubeletHasSufficientPID", "testbed node"),
+                condition("Ready", "True", "KubeletReady", "node agent is posting ready status"),
+            ],
+            "addresses": [
+                {"type": "InternalIP", "address": node.ip},
+                {"type": "Hostname", "address": node.name},
+            ],
+            "nodeInfo": {
+                "machineID": node.uid.replace("-", ""),
+                "systemUUID": node.uid,
+                "bootID": node.ready_since,
+                "kernelVersion": os.uname().release,
+                "osImage": "relaunch testbed",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "containerRuntimeVersion": "testbed://1",
+                "kubeletVersion": KUBELET_VERSION,
+                "kubeProxyVersion": "",
+            },
+        }
+        self.kube.patch(f"/api/v1/nodes/{node.name}/status", {"status": status})
+        node.last_status = time.monotonic()
+
+    def renew_lease(self, node: NodeState) -> None:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node.name}"
+        try:
+            self.kube.patch(
+                path, {"spec": {"holderIdentity": node.name, "renewTime": now_micro()}}, strategic=False
+            )
+        except KubeError as error:
+            if error.status != 404:
+                raise
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {
+                    "name": node.name,
+                    "ownerReferences": [
+                        {"apiVersion": "v1", "kind": "Node", "name": node.name, "uid": node.uid}
+                    ],
+                },
+                "spec": {"holderIdentity": node.name, "leaseDurationSeconds": 40, "renewTime": now_micro()},
+            }
+            self.kube.post("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", body)
+        node.last_lease = time.monotonic()
+
+    def heartbeat_loop(self) -> None:
+        while not self.stopping.wait(0.5):
+            for node in list(self.nodes.values()):
+                if node.lost:
+                    continue
+                try:
+                    if time.monotonic() - node.last_lease >= LEASE_RENEW_S:
+                        self.renew_lease(node)
+                    if time.monotonic() - node.last_status >= NODE_STATUS_S:
+                        self.node_status(node)
+                except (KubeError, requests.RequestException) as error:
+                    LOG.warning("node %s: heartbeat failed: %s", node.name, error)
+
+    # -- pods
+    def on_pod(self, pod: dict[str, Any], deleted: bool = False) -> None:
+        node = pod["spec"].get("nodeName")
+        if node not in self.nodes:
+            return
+        uid = pod["metadata"]["uid"]
+        with self.lock:
+            worker = self.workers.get(uid)
+            if deleted:
+                if worker is not None:
+                    worker.gone.set()
+                return
+            if worker is not None:
+                worker.update(pod)
+                return
+            if self.nodes[node].lost:
+                return  # a powered-off node sees nothing; restore_node re-lists
+            phase = (pod.get("status") or {}).get("phase")
+            if phase in ("Succeeded", "Failed"):
+                if pod["metadata"].get("deletionTimestamp"):
+                    self.finalize_delete(pod["metadata"]["namespace"], pod["metadata"]["name"], uid)
+                return
+            worker = PodWorker(self, pod)
+            self.workers[uid] = worker
+        worker.start()
+
+    def watch_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                listing = self.kube.get("/api/v1/pods")
+                self.relist.clear()
+                seen = set()
+                for pod in listing["items"]:
+                    seen.add(pod["metadata"]["uid"])
+                    self.on_pod(pod)
+                with self.lock:
+                    vanished = [w for uid, w in self.workers.items() if uid not in seen]
+                for worker in vanished:
+                    worker.gone.set()
+                version = listing["metadata"]["resourceVersion"]
+                for event in self.kube.watch("/api/v1/pods", version):
+                    if self.stopping.is_set() or self.relist.is_set():
+                        break
+                    kind, obj = event["type"], event["object"]
+                    if kind == "ERROR":
+                        LOG.info("pod watch: %s; re-listing", obj.get("message"))
+                        break
+                    if kind == "BOOKMARK":
+                        continue
+                    self.on_pod(obj, deleted=kind == "DELETED")
+            except Exception as error:  # keep watching whatever happens; the log says what
+                if self.stopping.is_set():
+                    return
+                LOG.warning(
+                    "pod watch failed: %r; retrying", error, exc_info=not isinstance(error, KubeError)
+                )
+                time.sleep(1)
+
+    # -- storage and names
+    def ensure_storage_class(self) -> None:
+        body = {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {
+                "name": STORAGE_CLASS,
+                "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+            },
+            "provisioner": PROVISIONER,
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": "Immediate",
+        }
+        with contextlib.suppress(KubeError):
+            self.kube.post("/apis/storage.k8s.io/v1/storageclasses", body)
+
+    def provision(self) -> None:
+        """Act as the external provisioner of the ``testbed`` StorageClass: one host folder per claim."""
+        for pvc in self.kube.get("/api/v1/persistentvolumeclaims")["items"]:
+            meta, spec = pvc["metadata"], pvc["spec"]
+            annotations = meta.get("annotations") or {}
+            ours = annotations.get("volume.kubernetes.io/storage-provisioner") == PROVISIONER or (
+                spec.get("storageClassName") == STORAGE_CLASS
+            )
+            if not ours or spec.get("volumeName") or meta.get("deletionTimestamp"):
+                continue
+            folder = self.state_dir / "pv" / meta["namespace"] / f"{meta['name']}-{meta['uid'][:8]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            size = ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")
+            body = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {
+                    "name": f"pvc-{meta['uid']}",
+                    "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER},
+                },
+                "spec": {
+                    "capacity": {"storage": size},
+                    "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Delete",
+                    "storageClassName": spec.get("storageClassName") or STORAGE_CLASS,
+                    "volumeMode": spec.get("volumeMode", "Filesystem"),
+                    "hostPath": {"path": str(folder), "type": "DirectoryOrCreate"},
+                    "claimRef": {
+                        "apiVersion": "v1",
+                        "kind": "PersistentVolumeClaim",
+                        "namespace": meta["namespace"],
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                    },
+                },
+            }
+            try:
+                self.kube.post("/api/v1/persistentvolumes", body)
+                LOG.info("provisioned %s for claim %s/%s", folder, meta["namespace"], meta["name"])
+            except KubeError as error:
+                if error.status != 409:
+                    LOG.warning("provisioning %s/%s failed: %s", meta["namespace"], meta["name"], error)
+        for pv in self.kube.get("/api/v1/persistentvolumes")["items"]:
+            annotations = pv["metadata"].get("annotations") or {}
+            if annotations.get("pv.kubernetes.io/provisioned-by") != PROVISIONER:
+                continue
+            if (pv.get("status") or {}).get("phase") == "Released" and pv["spec"].get(
+                "persistentVolumeReclaimPolicy"
+            ) == "Delete":
+                path = Path(pv["spec"]["hostPath"]["path"])
+                if self.state_dir in path.parents:
+                    shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(KubeError):
+                    self.kube.delete(f"/api/v1/persistentvolumes/{pv['metadata']['name']}")
+
+    def hosts_lines(self) -> list[str]:
+        with self.lock:
+            workers = [
+                w for w in self.workers.values() if w.prepared and w.phase == "Running" and not w.lost()
+            ]
+        if not workers:
+            return []
+        services = self.kube.get("/api/v1/services")["items"]
+        headless = {
+            (s["metadata"]["namespace"], s["metadata"]["name"]): s
+            for s in services
+            if s["spec"].get("clusterIP") == "None"
+        }
+        lines = []
+        hostnames = [w.hostname for w in workers]
+        for worker in sorted(workers, key=lambda w: (w.ns, w.pod_name)):
+            names = []
+            subdomain = worker.pod["spec"].get("subdomain")
+            if subdomain and (worker.ns, subdomain) in headless:
+                base = f"{worker.hostname}.{subdomain}.{worker.ns}.svc"
+                names += [f"{base}.cluster.local", base]
+            if hostnames.count(worker.hostname) == 1:
+                names.append(worker.hostname)
+            labels = worker.pod["metadata"].get("labels") or {}
+            for (ns, name), svc in sorted(headless.items()):
+                selector = svc["spec"].get("selector") or {}
+                if ns == worker.ns and selector and all(labels.get(k) == v for k, v in selector.items()):
+                    names += [f"{name}.{ns}.svc.cluster.local", f"{name}.{ns}.svc"]
+            if names:
+                lines.append(f"{worker.pod_ip}\t{' '.join(names)}")
+        return lines
+
+    def housekeeping_loop(self) -> None:
+        last_hosts = 0.0
+        while not self.stopping.wait(0.5):
+            try:
+                self.provision()
+                if self.hosts_dirty.is_set() or time.monotonic() - last_hosts > 2:
+                    self.hosts_dirty.clear()
+                    write_hosts_block(self.state_dir, self.hosts_lines())
+                    last_hosts = time.monotonic()
+            except (KubeError, requests.RequestException, OSError) as error:
+                LOG.warning("housekeeping failed: %s", error)
+
+    # -- controls
+    def lose_node(self, name: str) -> dict[str, Any]:
+        node = self.nodes[name]
+        node.lost = True
+        with self.lock:
+            workers = [w for w in self.workers.values() if w.node == name]
+        for worker in workers:
+            worker.signal_all(signal.SIGKILL)
+        self.hosts_dirty.set()
+        LOG.info("node %s lost: %d pods' processes killed, heartbeats stopped", name, len(workers))
+        return {"node": name, "lost": True, "killed_pods": [f"{w.ns}/{w.pod_name}" for w in workers]}
+
+    def restore_node(self, name: str) -> dict[str, Any]:
+        node = self.nodes[name]
+        node.ready_since = now()
+        node.lost = False
+        self.node_status(node)
+        self.renew_lease(node)
+        self.relist.set()
+        LOG.info("node %s restored", name)
+        return {"node": name, "lost": False}
+
+    def kill_pod(self, ns: str, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            workers = [w for w in self.workers.values() if w.ns == ns and w.pod_name == name]
+        if not workers:
+            return None
+        for worker in workers:
+            worker.signal_all(signal.SIGKILL)
+        return {"pod": f"{ns}/{name}", "killed": True, "node": workers[0].node}
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            workers = list(self.workers.values())
+        return {
+            "nodes": {
+                n.name: {
+                    "ip": n.ip,
+                    "lost": n.lost,
+                    "pods": [f"{w.ns}/{w.pod_name}" for w in workers if w.node == n.name],
+                }
+                for n in self.nodes.values()
+            },
+            "pods": [w.describe() for w in workers],
+            "mount_namespaces": self.namespaces_ok,
+        }
+
+    def shutdown(self) -> None:
+        """Stop every pod process (SIGTERM, 3 s, SIGKILL) and remove what the agent put on the host."""
+        self.stopping.set()
+        with self.lock:
+            workers = list(self.workers.values())
+        for worker in workers:
+            worker.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        for worker in workers:
+            for container in worker.init_containers + worker.containers:
+                if container.process is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        container.process.wait(max(0.0, deadline - time.monotonic()))
+            worker.signal_all(signal.SIGKILL)
+        remove_hosts_block(self.state_dir)
+        # Mount points created on the host (/shared/output, /dev/termination-log, ...) stay: removing
+        # one would detach the same path's mounts in the pods of any other cluster running now.
+
+
+def serve_controls(agent: Agent, port: int) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            LOG.info("control: " + format, *args)
+
+        def answer(self, code: int, body: Any) -> None:
+            data = (json.dumps(body) if not isinstance(body, str) else body).encode()
+            self.send_response(code)
+            self.send_header(
+                "Content-Type", "application/json" if not isinstance(body, str) else "text/plain"
+            )
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path == "/healthz":
+                self.answer(200, "ok")
+            elif self.path == "/status":
+                self.answer(200, agent.status())
+            else:
+                self.answer(404, {"error": f"no such resource {self.path}"})
+
+        def do_POST(self) -> None:
+            parts = [p for p in self.path.split("/") if p]
+            try:
+                if len(parts) == 2 and parts[0] in ("lose_node", "restore_node"):
+                    if parts[1] not in agent.nodes:
+                        self.answer(404, {"error": f"no node {parts[1]!r}; nodes: {sorted(agent.nodes)}"})
+                        return
+                    result = (
+                        agent.lose_node(parts[1]) if parts[0] == "lose_node" else agent.restore_node(parts[1])
+                    )
+                    self.answer(200, result)
+                elif len(parts) == 3 and parts[0] == "kill_pod":
+                    killed = agent.kill_pod(parts[1], parts[2])
+                    if killed is None:
+                        self.answer(
+                            404, {"error": f"pod {parts[1]}/{parts[2]} does not run on this agent's nodes"}
+                        )
+                    else:
+                        self.answer(200, killed)
+                else:
+                    self.answer(404, {"error": f"unknown control {self.path}"})
+            except Exception as error:
+                LOG.exception("control %s failed", self.path)
+                self.answer(500, {"error": repr(error)})
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, name="controls", daemon=True).start()
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m e2e.nodeagent", description="the testbed's node agent")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--kubeconfig", required=True, help="admin kubeconfig (for reference; pki/ is used)")
+    parser.add_argument("--nodes", required=True, help="comma-separated node names")
+    parser.add_argument("--port", type=int, required=True, help="control API port on 127.0.0.1")
+    parser.add_argument("--api-port", type=int, required=True)
+    parser.add_argument("--ca-file", required=True)
+    parser.add_argument(
+        "--path-prefix", required=True, help="prepended to PATH inside pods (the venv's bin/)"
+    )
+    args = parser.parse_args(argv)
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # HTTPS probes, like the kubelet's
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+    agent = Agent(args)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    agent.register_nodes()
+    agent.ensure_storage_class()
+    for target in (agent.heartbeat_loop, agent.watch_loop, agent.housekeeping_loop):
+        threading.Thread(target=target, name=target.__name__, daemon=True).start()
+    server = serve_controls(agent, args.port)
+    LOG.info(
+        "node agent ready: nodes %s, controls on 127.0.0.1:%d, mount namespaces %s",
+        sorted(agent.nodes),
+        args.port,
+        "on" if agent.namespaces_ok else "OFF",
+    )
+    done.wait()
+    LOG.info("stopping")
+    server.shutdown()
+    agent.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

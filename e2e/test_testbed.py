@@ -1,0 +1,462 @@
+"""Tests of the testbed itself: pods really run, report like a kubelet, and the control plane's real
+controllers (Job, ReplicaSet, node lifecycle, garbage collector, RBAC) act on them."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+
+from e2e.cluster import AgentControl
+from e2e.cluster.control import AlreadyRunning, free_ports, up
+
+pytestmark = pytest.mark.e2e
+
+
+def pod_manifest(name: str, script: str, **spec: Any) -> dict[str, Any]:
+    """A pod whose single container runs ``python -c script`` (images are ignored by the testbed)."""
+    container = {
+        "name": "main",
+        "image": "python:3.11",
+        "command": ["python", "-c", textwrap.dedent(script)],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+    }
+    container.update(spec.pop("container", {}))
+    body: dict[str, Any] = {
+        "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "containers": [container]},
+    }
+    body["metadata"].update(spec.pop("metadata", {}))
+    body["spec"].update(spec)
+    return body
+
+
+def phase_is(core: k8s.CoreV1Api, ns: str, name: str, *phases: str) -> Any:
+    pod = core.read_namespaced_pod(name, ns)
+    return pod if pod.status.phase in phases else None
+
+
+def describe_pod(core: k8s.CoreV1Api, ns: str, name: str) -> Any:
+    def describe() -> str:
+        try:
+            pod = core.read_namespaced_pod(name, ns)
+        except k8s.ApiException as error:
+            return f"pod {ns}/{name} ({error.status})"
+        statuses = pod.status.container_statuses
+        return f"pod {ns}/{name} on {pod.spec.node_name}: phase {pod.status.phase}, containers {statuses}"
+
+    return describe
+
+
+def test_pod_runs_with_env_volumes_and_reports_exit_code_and_message(kube, namespace, wait_for, cluster):
+    core = k8s.CoreV1Api(kube)
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "train"}, "data": {"train.yaml": "seed: 7\n", "WORLD": "8"}}
+    )
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "creds"}, "stringData": {"token": "s3cret"}}
+    )
+    script = """
+        import os, socket, sys
+        print("hostname", socket.gethostname(), "pod", os.environ["POD_NAME"], "ip", os.environ["POD_IP"])
+        print("config", open("/etc/relaunch/train.yaml").read().strip())
+        open("/scratch/x", "w").write("ok")
+        print("world", os.environ["CFG_WORLD"], "token", os.environ["TOKEN"], "rank", os.environ["RANK_ENV"])
+        print("labels", open("/etc/podinfo/labels").read().replace(chr(10), ","))
+        print("secret", open("/etc/creds/token").read())
+        try:
+            open("/etc/creds/new", "w")
+        except OSError as error:
+            print("read-only", error.errno)
+        open("/dev/termination-log", "w").write("checkpoint step 42 is corrupt on rank 3")
+        sys.exit(3)
+    """
+    body = pod_manifest(
+        "exits-three",
+        script,
+        container={
+            "env": [
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+                {"name": "RANK_ENV", "value": "rank-of-$(POD_NAME)"},
+            ],
+            "envFrom": [{"configMapRef": {"name": "train"}, "prefix": "CFG_"}],
+            "volumeMounts": [
+                {"name": "podinfo", "mountPath": "/etc/podinfo"},
+                {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
+                {"name": "config", "mountPath": "/etc/relaunch/train.yaml", "subPath": "train.yaml"},
+                {"name": "scratch", "mountPath": "/scratch"},
+            ],
+        },
+        volumes=[
+            {"name": "config", "configMap": {"name": "train"}},
+            {"name": "scratch", "emptyDir": {}},
+            {"name": "creds", "secret": {"secretName": "creds"}},
+            {
+                "name": "podinfo",
+                "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]},
+            },
+        ],
+        metadata={"labels": {"rank": "3"}},
+    )
+    core.create_namespaced_pod(namespace, body)
+    pod = wait_for(
+        lambda: phase_is(core, namespace, "exits-three", "Succeeded", "Failed"),
+        30,
+        describe_pod(core, namespace, "exits-three"),
+    )
+    assert pod.status.phase == "Failed"
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (terminated.exit_code, terminated.reason) == (3, "Error")
+    assert terminated.message == "checkpoint step 42 is corrupt on rank 3"
+    assert pod.status.pod_ip.startswith("127.") and pod.status.pod_ip != "127.0.0.1"
+    assert pod.status.host_ip.startswith("127.")
+    conditions = {c.type: c.status for c in pod.status.conditions}
+    assert conditions["Ready"] == "False" and conditions["PodScheduled"] == "True"
+    log = cluster.pod_log(namespace, "exits-three")
+    assert f"hostname exits-three pod exits-three ip {pod.status.pod_ip}" in log
+    assert "config seed: 7" in log
+    assert "world 8 token s3cret rank rank-of-exits-three" in log
+    assert 'labels rank="3"' in log
+    assert "secret s3cret" in log
+    assert "read-only 30" in log  # EROFS: the secret is mounted read-only
+
+
+def test_batch_job_completes_through_the_job_controller(kube, namespace, wait_for):
+    batch, core = k8s.BatchV1Api(kube), k8s.CoreV1Api(kube)
+    # fails once, then succeeds: restartPolicy OnFailure restarts the container in place (same emptyDir)
+    script = """
+        import os, sys, numpy, relaunch
+        if not os.path.exists("/scratch/tried"):
+            open("/scratch/tried", "w").close(); sys.exit(1)
+        print("numpy", numpy.__version__)
+    """
+    template = pod_manifest(
+        "unused",
+        script,
+        restartPolicy="OnFailure",
+        container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+        volumes=[{"name": "scratch", "emptyDir": {}}],
+    )
+    job = {
+        "metadata": {"name": "two-pods"},
+        "spec": {
+            "completions": 2,
+            "parallelism": 2,
+            "backoffLimit": 4,
+            "template": {"spec": template["spec"]},
+        },
+    }
+    batch.create_namespaced_job(namespace, job)
+
+    def complete() -> Any:
+        status = batch.read_namespaced_job("two-pods", namespace).status
+        return any(c.type == "Complete" and c.status == "True" for c in status.conditions or []) and status
+
+    status = wait_for(
+        complete,
+        40,
+        lambda: f"Job two-pods Complete: {batch.read_namespaced_job('two-pods', namespace).status}",
+    )
+    assert status.succeeded == 2
+    pods = core.list_namespaced_pod(namespace, label_selector="job-name=two-pods").items
+    assert [p.status.container_statuses[0].restart_count for p in pods] == [1, 1]
+    assert {p.status.container_statuses[0].last_state.terminated.exit_code for p in pods} == {1}
+
+
+def test_a_second_up_refuses_while_the_cluster_runs(cluster):
+    with pytest.raises(AlreadyRunning, match="already running"):
+        up(cluster.state_dir)
+
+
+def test_pods_share_a_claim_and_find_each_other_by_headless_service_name(kube, namespace, wait_for, cluster):
+    core = k8s.CoreV1Api(kube)
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "shared"},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )
+    # Pods share the host's network namespace (other clusters may run beside this one): the server
+    # listens on its pod's own IP, on a port that is free right now.
+    port = free_ports(1)[0]
+    core.create_namespaced_service(
+        namespace,
+        {
+            "metadata": {"name": "rdv"},
+            "spec": {"clusterIP": "None", "selector": {"job": "rdv"}, "ports": [{"port": port}]},
+        },
+    )
+    server = """
+        import os, socket
+        s = socket.create_server((os.environ["POD_IP"], int(os.environ["PORT"]))); s.settimeout(60)
+        conn, peer = s.accept()
+        open("/shared/output/server.txt", "w").write(conn.recv(100).decode())
+    """
+    client = """
+        import os, socket, time
+        master = os.environ["MASTER_ADDR"]
+        for _ in range(300):
+            try:
+                conn = socket.create_connection((master, int(os.environ["PORT"])), timeout=1); break
+            except OSError:
+                time.sleep(0.1)
+        conn.sendall(("hello from " + os.environ["HOSTNAME"]).encode())
+        open("/shared/output/client.txt", "w").write(socket.gethostbyname(master))
+    """
+    common = {
+        "metadata": {"labels": {"job": "rdv"}},
+        "subdomain": "rdv",
+        "volumes": [{"name": "out", "persistentVolumeClaim": {"claimName": "shared"}}],
+    }
+    mounts = [{"name": "out", "mountPath": "/shared/output"}]
+    env = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "PORT", "value": str(port)},
+        {"name": "MASTER_ADDR", "value": f"worker-0.rdv.{namespace}.svc.cluster.local"},
+    ]
+    core.create_namespaced_pod(
+        namespace,
+        pod_manifest(
+            "worker-0", server, hostname="worker-0", container={"volumeMounts": mounts, "env": env}, **common
+        ),
+    )
+    core.create_namespaced_pod(
+        namespace,
+        pod_manifest(
+            "worker-1", client, hostname="worker-1", container={"volumeMounts": mounts, "env": env}, **common
+        ),
+    )
+    for name in ("worker-0", "worker-1"):
+        pod = wait_for(
+            lambda n=name: phase_is(core, namespace, n, "Succeeded", "Failed"),
+            60,
+            describe_pod(core, namespace, name),
+        )
+        assert pod.status.phase == "Succeeded", cluster.pod_log(namespace, name)
+    pvc = core.read_namespaced_persistent_volume_claim("shared", namespace)
+    folder = Path(core.read_persistent_volume(pvc.spec.volume_name).spec.host_path.path)
+    assert (folder / "server.txt").read_text() == "hello from worker-1"
+    assert (folder / "client.txt").read_text() == core.read_namespaced_pod(
+        "worker-0", namespace
+    ).status.pod_ip
+
+
+def test_kill_pod_reports_137_and_deletion_is_graceful(
+    kube, namespace, wait_for, node_agent: AgentControl, cluster
+):
+    core = k8s.CoreV1Api(kube)
+    sleeper = "import time; time.sleep(600)"
+    graceful = """
+        import signal, sys, time
+        def stop(*_):
+            print("got SIGTERM, saving"); sys.exit(0)
+        signal.signal(signal.SIGTERM, stop)
+        print("running"); time.sleep(600)
+    """
+    core.create_namespaced_pod(namespace, pod_manifest("victim", sleeper))
+    core.create_namespaced_pod(namespace, pod_manifest("graceful", graceful))
+    for name in ("victim", "graceful"):
+        wait_for(
+            lambda n=name: phase_is(core, namespace, n, "Running"), 30, describe_pod(core, namespace, name)
+        )
+    node_agent.kill_pod(namespace, "victim")
+    pod = wait_for(
+        lambda: phase_is(core, namespace, "victim", "Failed"), 20, describe_pod(core, namespace, "victim")
+    )
+    assert pod.status.container_statuses[0].state.terminated.exit_code == 137
+    wait_for(
+        lambda: "running" in cluster.pod_log(namespace, "graceful"), 20, "the graceful pod to print 'running'"
+    )
+    core.delete_namespaced_pod("graceful", namespace, grace_period_seconds=20)
+    started = time.monotonic()
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_pod("graceful", namespace)
+        except k8s.ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(gone, 20, describe_pod(core, namespace, "graceful"))
+    assert time.monotonic() - started < 15, "a pod that exits on SIGTERM must not wait out its grace period"
+    assert "got SIGTERM, saving" in cluster.pod_log(namespace, "graceful")
+
+
+def test_deployment_pod_is_rescheduled_after_lose_node(kube, namespace, wait_for, node_agent: AgentControl):
+    core, apps = k8s.CoreV1Api(kube), k8s.AppsV1Api(kube)
+    template = pod_manifest("unused", "import time; time.sleep(600)")
+    template["spec"]["restartPolicy"] = "Always"
+    # Without these a default cluster waits 300 s before evicting pods from an unreachable node.
+    template["spec"]["tolerations"] = [
+        {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 1}
+        for key in ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+    ]
+    apps.create_namespaced_deployment(
+        namespace,
+        {
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}}, "spec": template["spec"]},
+            },
+        },
+    )
+
+    def running_pods() -> list[Any]:
+        pods = core.list_namespaced_pod(namespace, label_selector="app=web").items
+        return [p for p in pods if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
+
+    first = wait_for(running_pods, 30, "the Deployment's pod Running")[0]
+    lost = first.spec.node_name
+    node_agent.lose_node(lost)
+
+    def node_not_ready() -> bool:
+        node = core.read_node(lost)
+        return any(c.type == "Ready" and c.status != "True" for c in node.status.conditions)
+
+    wait_for(node_not_ready, 40, f"node {lost} marked not Ready by the node lifecycle controller")
+    replacement = wait_for(
+        lambda: [p for p in running_pods() if p.metadata.uid != first.metadata.uid],
+        40,
+        "a replacement pod Running on another node",
+    )[0]
+    assert replacement.spec.node_name != lost
+    # the evicted pod stays Terminating: its node is powered off, nobody confirms the deletion
+    old = core.read_namespaced_pod(first.metadata.name, namespace)
+    assert old.metadata.deletion_timestamp is not None
+    node_agent.restore_node(lost)
+
+    def old_pod_removed() -> bool:
+        try:
+            core.read_namespaced_pod(first.metadata.name, namespace)
+        except k8s.ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(old_pod_removed, 30, f"node {lost}, back on, to finish deleting {first.metadata.name}")
+
+
+def test_deleting_an_owner_garbage_collects_its_dependents(kube, namespace, wait_for):
+    core = k8s.CoreV1Api(kube)
+    owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}, "data": {}})
+    reference = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "dependent", "ownerReferences": [reference]}}
+    )
+    core.delete_namespaced_config_map("owner", namespace)
+
+    def dependent_gone() -> bool:
+        try:
+            core.read_namespaced_config_map("dependent", namespace)
+        except k8s.ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(dependent_gone, 30, "the garbage collector to delete ConfigMap 'dependent'")
+
+
+def test_service_account_with_a_narrow_role_is_refused_the_rest(kube, namespace, wait_for, cluster):
+    core, rbac = k8s.CoreV1Api(kube), k8s.RbacAuthorizationV1Api(kube)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "reader"}})
+    rbac.create_namespaced_role(
+        namespace,
+        {
+            "metadata": {"name": "read-configmaps"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}],
+        },
+    )
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "reader"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-configmaps"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+        },
+    )
+    script = """
+        import json
+        from kubernetes import client, config
+        config.load_incluster_config()  # token, ca.crt and namespace from /var/run/secrets/..., host from env
+        ns = open("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read()
+        core = client.CoreV1Api()
+        result = {"configmaps": len(core.list_namespaced_config_map(ns).items)}
+        attempts = {
+            "list_secrets": lambda: core.list_namespaced_secret(ns),
+            "create_configmap": lambda: core.create_namespaced_config_map(ns, {"metadata": {"name": "x"}}),
+            "list_pods": lambda: core.list_namespaced_pod(ns),
+        }
+        for what, call in attempts.items():
+            try:
+                call(); result[what] = 200
+            except client.ApiException as error:
+                result[what] = error.status
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        who = client.AuthenticationV1Api().create_self_subject_review(review)
+        result["user"] = who.status.user_info.username
+        open("/dev/termination-log", "w").write(json.dumps(result))
+    """
+    core.create_namespaced_pod(namespace, pod_manifest("probe", script, serviceAccountName="reader"))
+    pod = wait_for(
+        lambda: phase_is(core, namespace, "probe", "Succeeded", "Failed"),
+        30,
+        describe_pod(core, namespace, "probe"),
+    )
+    assert pod.status.phase == "Succeeded", cluster.pod_log(namespace, "probe")
+    result = json.loads(pod.status.container_statuses[0].state.terminated.message)
+    assert result["configmaps"] >= 1  # kube-root-ca.crt
+    assert (result["list_secrets"], result["create_configmap"], result["list_pods"]) == (403, 403, 403)
+    assert result["user"] == f"system:serviceaccount:{namespace}:reader"
+
+
+def test_probes_gate_readiness_and_liveness_restarts(kube, namespace, wait_for):
+    core = k8s.CoreV1Api(kube)
+    served_port, deaf_port = free_ports(2)
+    pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    served = pod_manifest(
+        "served",
+        "unused",
+        restartPolicy="Always",
+        container={
+            # $(VAR) references in the command are expanded from the container's env, as in Kubernetes
+            "command": ["python", "-m", "http.server", "--bind", "$(POD_IP)", "$(PORT)"],
+            "env": [pod_ip, {"name": "PORT", "value": str(served_port)}],
+            "readinessProbe": {"httpGet": {"path": "/", "port": served_port}, "periodSeconds": 1},
+        },
+    )
+    deaf = pod_manifest(
+        "deaf",
+        "import time; time.sleep(600)",
+        restartPolicy="Always",
+        container={
+            "readinessProbe": {"tcpSocket": {"port": deaf_port}, "periodSeconds": 1},
+            "livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2},
+        },
+    )
+    core.create_namespaced_pod(namespace, served)
+    core.create_namespaced_pod(namespace, deaf)
+
+    def condition(name: str, kind: str) -> str | None:
+        pod = core.read_namespaced_pod(name, namespace)
+        return next((c.status for c in pod.status.conditions or [] if c.type == kind), None)
+
+    wait_for(
+        lambda: condition("served", "Ready") == "True", 30, "pod 'served' Ready through its httpGet probe"
+    )
+
+    def restarted() -> Any:
+        statuses = core.read_namespaced_pod("deaf", namespace).status.container_statuses or []
+        return statuses and statuses[0].restart_count >= 1 and statuses[0]
+
+    status = wait_for(restarted, 30, "pod 'deaf' restarted by its failing liveness probe")
+    assert status.last_state.terminated.exit_code == 137
+    assert condition("deaf", "Ready") == "False"
