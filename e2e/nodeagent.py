@@ -16,7 +16,9 @@ Started by ``python -m e2e.cluster up`` (``python -m e2e.nodeagent --help``). Wh
   StorageClass ``testbed`` in ``<state>/pv/<ns>/<claim>-<uid8>/``, shared by every pod using the
   claim, like NFS). Each container runs in its own mount and UTS namespace
   (``unshare --mount --uts``) where every volume is bind-mounted at its ``mountPath`` and the
-  termination-message file at ``terminationMessagePath``; its hostname is the pod's.
+  termination-message file at ``terminationMessagePath``; its hostname is the pod's. The sources
+  are staged first, so a mount at ``/tmp`` (or over the state dir) hides none of them
+  (``mount_script``).
 * **Networking**: each pod gets its own loopback address ``127.<b>.<x>.<y>`` as ``status.podIP``.
   Names are published in a managed block of ``/etc/hosts``: ``<hostname>.<subdomain>.<ns>.svc``
   (and ``.svc.cluster.local``) for pods whose ``subdomain`` names a headless Service, the
@@ -32,8 +34,9 @@ Started by ``python -m e2e.cluster up`` (``python -m e2e.nodeagent --help``). Wh
 Pods share the host's network namespace: a pod listening on ``0.0.0.0:<port>`` takes that port
 from every other pod (of every cluster on the machine); servers should bind ``$(POD_IP)``
 (``status.podIP`` through a ``fieldRef``). Mount points created on the host for ``mountPath``s
-(``/shared/output``, ``/dev/termination-log``, ...) are left in place: removing one would detach
-that path's mounts in the pods of any other cluster running at the time.
+(``/shared/output``, ``/dev/termination-log``, the staging folder ``/run/relaunch-testbed-stage``,
+...) are left in place: removing one would detach that path's mounts in the pods of any other
+cluster running at the time.
 
 Probes: readiness and liveness (httpGet and tcpSocket against the pod IP, exec inside the
 container's namespaces); a container without a readiness probe is Ready as soon as it runs.
@@ -62,8 +65,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import requests
@@ -296,6 +300,81 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
     tmp.write_bytes(data)
     tmp.chmod(mode)
     tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# a container's mounts
+
+# Where a container's mount sources are staged, first one that no mountPath of the container covers.
+# Each container mounts a private tmpfs there in its own mount namespace: the host keeps an empty folder.
+STAGE_CANDIDATES = (
+    Path("/run/relaunch-testbed-stage"),
+    Path("/var/lib/relaunch-testbed-stage"),
+    Path("/mnt/relaunch-testbed-stage"),
+)
+
+
+def _covers(target: PurePosixPath, path: PurePosixPath) -> bool:
+    return path == target or target in path.parents
+
+
+def choose_stage(targets: list[str], candidates: tuple[Path, ...]) -> Path:
+    """The first candidate folder that no mount target hides (the sources are reached through it)."""
+    normal = [PurePosixPath(os.path.normpath(t)) for t in targets]
+    for candidate in candidates:
+        if not any(_covers(t, PurePosixPath(candidate)) for t in normal):
+            return candidate
+    raise ValueError(
+        f"every staging folder {[str(c) for c in candidates]} lies under one of the mountPaths {targets}; "
+        "mount volumes elsewhere"
+    )
+
+
+def mount_script(
+    hostname: str,
+    mounts: list[tuple[Path, str, bool]],
+    workdir: str,
+    stage: Path,
+    is_dir: Callable[[Path], bool] = Path.is_dir,
+) -> str:
+    """The shell script that sets up one container's mount namespace, then ``exec "$@"``.
+
+    ``mounts`` are (host source, mountPath, read-only). A bind made at ``/tmp`` hides every later
+    source under ``/tmp`` -- the cluster's state folder may well lie there, with the emptyDirs,
+    the service-account files and the termination-log file. So every source is first bound into
+    ``stage`` (a private tmpfs) while the host's view is intact; then the targets are bound from
+    there, shallowest mountPath first so that no later mount hides an earlier one (a volume at
+    ``/dev`` lies below ``/dev/termination-log``; at equal depth the later mount wins, so callers
+    put the termination log last); read-only remounts come last, so a mountPath inside a read-only
+    volume can still be created; finally the stage is detached.
+    """
+    planned = [(source, os.path.normpath(target), ro, is_dir(source)) for source, target, ro in mounts]
+    ordered = sorted(enumerate(planned), key=lambda item: (len(PurePosixPath(item[1][1]).parts), item[0]))
+    q_stage = shlex.quote(str(stage))
+    # the new UTS namespace's hostname (no dependency on a `hostname` binary)
+    lines = ["set -e", f"printf %s {shlex.quote(hostname)} > /proc/sys/kernel/hostname"]
+    if ordered:
+        lines.append(f"mkdir -p {q_stage}; mount -t tmpfs -o size=1m,mode=0700 relaunch-stage {q_stage}")
+    for index, (source, _, _, directory) in ordered:
+        staged = shlex.quote(str(stage / str(index)))
+        lines.append(f"mkdir {staged}" if directory else f": > {staged}")
+        lines.append(f"mount --bind {shlex.quote(str(source))} {staged}")
+    for index, (_, target, _, directory) in ordered:
+        q_tgt = shlex.quote(target)
+        if directory:
+            lines.append(f"mkdir -p {q_tgt}")
+        else:
+            parent = shlex.quote(str(PurePosixPath(target).parent))
+            lines.append(f"mkdir -p {parent}; [ -e {q_tgt} ] || : > {q_tgt}")
+        lines.append(f"mount --bind {shlex.quote(str(stage / str(index)))} {q_tgt}")
+    for _, (_, target, read_only, _) in ordered:
+        if read_only:
+            lines.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
+    if ordered:
+        lines.append(f"umount -l {q_stage}")
+    lines.append(f"mkdir -p {shlex.quote(workdir)}; cd {shlex.quote(workdir)}")
+    lines.append('exec "$@"')
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,6 +733,7 @@ class PodWorker(threading.Thread):
         except NotReadyYet as why:
             container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(why)}}
             container.restart_at = time.monotonic() + 1
+            container.process = None  # a retry of this start, not one more restart (restartCount)
             return
         command = [expand(part, env) for part in command]
         if not command:
@@ -689,7 +769,18 @@ class PodWorker(threading.Thread):
             mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
         mounts.append((termination_log, spec.get("terminationMessagePath") or "/dev/termination-log", False))
         workdir = spec.get("workingDir") or "/"
-        argv = self.agent.wrap(self, command, mounts, workdir)
+        try:
+            argv = self.agent.wrap(self, command, mounts, workdir)
+        except ValueError as error:
+            container.state = {
+                "terminated": {
+                    "exitCode": 128,
+                    "reason": "StartError",
+                    "finishedAt": now(),
+                    "message": str(error),
+                }
+            }
+            return
         log_file = (self.dir / f"{container.name}.log").open("ab")
         try:
             container.process = subprocess.Popen(
@@ -887,22 +978,8 @@ class Agent:
         """The argv that runs ``command`` with every mount bind-mounted at its path, in new namespaces."""
         if not self.namespaces_ok:
             return command
-        # parents before children, so that a mount inside another volume lands inside it
-        mounts = sorted(mounts, key=lambda m: len(Path(m[1]).parts))
-        # the new UTS namespace's hostname (no dependency on a `hostname` binary)
-        lines = ["set -e", f"printf %s {shlex.quote(worker.hostname)} > /proc/sys/kernel/hostname"]
-        for source, target, read_only in mounts:
-            tgt = Path(target)
-            q_src, q_tgt = shlex.quote(str(source)), shlex.quote(target)
-            if source.is_dir():
-                lines.append(f"mkdir -p {q_tgt}")
-            else:
-                lines.append(f"mkdir -p {shlex.quote(str(tgt.parent))}; [ -e {q_tgt} ] || : > {q_tgt}")
-            lines.append(f"mount --bind {q_src} {q_tgt}")
-            if read_only:
-                lines.append(f"mount -o remount,bind,ro {q_tgt}")
-        lines.append(f"mkdir -p {shlex.quote(workdir)}; cd {shlex.quote(workdir)}")
-        lines.append('exec "$@"')
+        stage = choose_stage([target for _, target, _ in mounts], STAGE_CANDIDATES)
+        script = mount_script(worker.hostname, mounts, workdir, stage)
         return [
             "unshare",
             "--mount",
@@ -912,7 +989,7 @@ class Agent:
             "--",
             "/bin/sh",
             "-c",
-            "\n".join(lines),
+            script,
             "pod-init",
             *command,
         ]

@@ -4,6 +4,9 @@ controllers (Job, ReplicaSet, node lifecycle, garbage collector, RBAC) act on th
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -13,7 +16,8 @@ import pytest
 from kubernetes import client as k8s
 
 from e2e.cluster import AgentControl
-from e2e.cluster.control import AlreadyRunning, free_ports, up
+from e2e.cluster.control import AlreadyRunning, binaries_dir, free_ports, up
+from e2e.nodeagent import STAGE_CANDIDATES, choose_stage, mount_script
 
 pytestmark = pytest.mark.e2e
 
@@ -460,3 +464,177 @@ def test_probes_gate_readiness_and_liveness_restarts(kube, namespace, wait_for):
     status = wait_for(restarted, 30, "pod 'deaf' restarted by its failing liveness probe")
     assert status.last_state.terminated.exit_code == 137
     assert condition("deaf", "Ready") == "False"
+
+
+def test_no_mount_hides_another_mounts_source_when_the_state_dir_is_under_tmp():
+    # The exact case of a chart's pod (read-only root fs, emptyDir at /tmp) on a cluster whose state
+    # dir lies under /tmp: the /tmp bind must not hide the termination log's or the token's source.
+    if subprocess.run(["unshare", "--mount", "--uts", "--", "true"], capture_output=True).returncode:
+        pytest.skip("needs mount namespaces (unshare as root), as the node agent does")
+    state = Path(tempfile.mkdtemp(prefix="relaunch-mounts-", dir="/tmp"))
+    try:
+        pod = state / "pods" / "ns" / "p" / "uid"
+        scratch, token, config = pod / "volumes" / "scratch", pod / "volumes" / "sa", pod / "volumes" / "cfg"
+        for folder in (scratch, token, config):
+            folder.mkdir(parents=True)
+        (token / "token").write_text("the-token")
+        (config / "train.yaml").write_text("seed: 7")
+        log = pod / "main.termination-log"
+        log.write_bytes(b"")
+        mounts = [
+            (token, "/var/run/secrets/kubernetes.io/serviceaccount", True),
+            (config, "/tmp/cfg", True),  # read-only, and a later mount point lies inside it
+            (scratch, "/tmp/", False),
+            (scratch, "/tmp/cfg/inner", False),
+            (log, "/dev/termination-log", False),
+        ]
+        stage = choose_stage([target for _, target, _ in mounts], STAGE_CANDIDATES)
+        script = mount_script("mounts-test", mounts, "/tmp", stage)
+        inside = """
+            set -e
+            token=$(cat /var/run/secrets/kubernetes.io/serviceaccount/token)
+            printf "%s %s %s" "$token" "$(hostname)" "$(cat /tmp/cfg/train.yaml)" > /dev/termination-log
+            echo here > written-in-tmp
+            if touch /var/run/secrets/kubernetes.io/serviceaccount/new 2>/dev/null; then echo token-rw; fi
+            if touch /tmp/cfg/new 2>/dev/null; then echo cfg-rw; fi
+            ls /tmp/cfg/inner
+        """
+        done = subprocess.run(
+            ["unshare", "--mount", "--uts", "--propagation", "private", "--", "/bin/sh", "-c", script,
+             "pod-init", "/bin/sh", "-c", textwrap.dedent(inside)],
+            capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+        assert done.returncode == 0, f"exit {done.returncode}: {done.stderr}\nscript:\n{script}"
+        assert log.read_text() == "the-token mounts-test seed: 7"
+        assert (scratch / "written-in-tmp").read_text() == "here\n"  # the emptyDir holds what /tmp got
+        # both volumes read-only; /tmp/cfg/inner is the emptyDir again (holding the mount point /tmp/cfg)
+        assert done.stdout.split() == ["cfg", "written-in-tmp"]
+        assert not list(stage.iterdir()), "the staging tmpfs must stay private to the container"
+    finally:
+        shutil.rmtree(state)
+
+
+def test_choose_stage_avoids_folders_a_mount_covers():
+    candidates = (Path("/run/a-stage"), Path("/var/lib/a-stage"))
+    assert choose_stage(["/tmp", "/dev/termination-log"], candidates) == Path("/run/a-stage")
+    assert choose_stage(["/run/", "/data"], candidates) == Path("/var/lib/a-stage")
+    with pytest.raises(ValueError, match="lies under one of the mountPaths"):
+        choose_stage(["/run", "/var/lib/a-stage"], candidates)
+
+
+def test_a_read_only_pod_with_tmp_and_state_dir_covered_reports_its_termination_message(
+    kube, namespace, wait_for, cluster
+):
+    # An emptyDir over the cluster's own state dir (wherever it is: CI may put it under /tmp) hides
+    # the sources of the termination-log file and of the service-account files on the host.
+    core = k8s.CoreV1Api(kube)
+    script = """
+        import json, os
+        from kubernetes import client, config
+        config.load_incluster_config()
+        ns = open("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read()
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        user = client.AuthenticationV1Api().create_self_subject_review(review).status.user_info.username
+        open("/tmp/scratch", "w").write("x")
+        cover = os.listdir(os.environ["STATE_DIR"])
+        open("/dev/termination-log", "w").write(json.dumps({"ns": ns, "user": user, "cover": cover}))
+    """
+    body = pod_manifest(
+        "read-only",
+        script,
+        serviceAccountName="default",
+        container={
+            "securityContext": {"readOnlyRootFilesystem": True},
+            "env": [{"name": "STATE_DIR", "value": str(cluster.state_dir)}],
+            "volumeMounts": [
+                {"name": "tmp", "mountPath": "/tmp"},
+                {"name": "cover", "mountPath": str(cluster.state_dir)},
+            ],
+        },
+        volumes=[{"name": "tmp", "emptyDir": {}}, {"name": "cover", "emptyDir": {}}],
+    )
+    core.create_namespaced_pod(namespace, body)
+    pod = wait_for(
+        lambda: phase_is(core, namespace, "read-only", "Succeeded", "Failed"),
+        30,
+        describe_pod(core, namespace, "read-only"),
+    )
+    assert pod.status.phase == "Succeeded", cluster.pod_log(namespace, "read-only")
+    message = json.loads(pod.status.container_statuses[0].state.terminated.message)
+    assert message == {"ns": namespace, "user": f"system:serviceaccount:{namespace}:default", "cover": []}
+
+
+def test_an_always_restarting_container_is_restarted_with_its_last_state(
+    kube, namespace, wait_for, node_agent: AgentControl
+):
+    core, apps = k8s.CoreV1Api(kube), k8s.AppsV1Api(kube)
+    # exits 0, then 3 (with a termination message), then stays up: restarted in place both times
+    script = """
+        import os, sys, time
+        runs = len(open("/scratch/runs").read()) if os.path.exists("/scratch/runs") else 0
+        open("/scratch/runs", "a").write("x")
+        if runs == 1:
+            open("/dev/termination-log", "w").write("second run failed")
+            sys.exit(3)
+        if runs == 0:
+            sys.exit(0)
+        time.sleep(600)
+    """
+    template = pod_manifest(
+        "unused",
+        script,
+        restartPolicy="Always",
+        container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+        volumes=[{"name": "scratch", "emptyDir": {}}],
+    )
+    apps.create_namespaced_deployment(
+        namespace,
+        {
+            "metadata": {"name": "flaky"},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": "flaky"}},
+                "template": {"metadata": {"labels": {"app": "flaky"}}, "spec": template["spec"]},
+            },
+        },
+    )
+
+    def restarted_twice_and_running() -> Any:
+        for pod in core.list_namespaced_pod(namespace, label_selector="app=flaky").items:
+            status = (pod.status.container_statuses or [None])[0]
+            if status and status.restart_count == 2 and status.state.running:
+                return pod if pod.status.phase == "Running" else None
+        return None
+
+    pod = wait_for(
+        restarted_twice_and_running,
+        30,
+        lambda: f"pods {[p.status for p in core.list_namespaced_pod(namespace).items]}",
+    )
+    last = pod.status.container_statuses[0].last_state.terminated
+    assert (last.exit_code, last.reason, last.message) == (3, "Error", "second run failed")
+    assert pod.status.container_statuses[0].ready
+    # the agent's worker for the pod is alive and still tracks the running process
+    pods = [p for p in node_agent.status()["pods"] if p["namespace"] == namespace]
+    expected = [(pod.metadata.name, "Running", ["main"])]
+    assert [(p["name"], p["phase"], list(p["pids"])) for p in pods] == expected
+
+
+def test_helm_assumes_the_testbeds_kubernetes_version(tmp_path):
+    # Built with helm's release stamps: `helm template` without --kube-version renders for v1.37
+    # (an unstamped helm assumes v1.20 and refuses charts with kubeVersion: ">=1.29-0").
+    chart = tmp_path / "caps"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: caps\nversion: 0.1.0\nkubeVersion: '>=1.29.0-0'\n"
+    )
+    (chart / "templates" / "caps.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: caps}\n"
+        "data: {kube: {{ .Capabilities.KubeVersion.Version | quote }}}\n"
+    )
+    helm = binaries_dir() / "helm"
+    rendered = subprocess.run([helm, "template", "x", chart], capture_output=True, text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    assert 'kube: "v1.37.0"' in rendered.stdout
+    version = subprocess.run([helm, "version", "--short"], capture_output=True, text=True, timeout=60)
+    assert version.stdout.startswith("v3.22.0"), version.stdout

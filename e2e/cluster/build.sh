@@ -49,15 +49,34 @@ build_one kube-controller-manager "$here/k8s" k8s.io/kubernetes/cmd/kube-control
 build_one kubectl "$here/k8s" k8s.io/kubernetes/cmd/kubectl "$k8s_flags"
 build_one etcd "$here/etcd" . "-s -w"
 
-if [ ! -x "$bin/helm" ]; then
-  log "helm: installing helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+# helm stamped like its own release build: `helm template` (without --kube-version) and `helm lint`
+# then assume the testbed's Kubernetes instead of helm's built-in v1.20 default, and `helm version`
+# shows the full version. Its cache folder is named after the stamp, so a change of stamp builds a new
+# helm; $bin/helm is a link to it (replaced atomically, so a helm already running is not disturbed).
+helm_kube="$major.$minor"
+helm_flags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+  helm_flags+=" -X $p.k8sVersionMajor=$major -X $p.k8sVersionMinor=$minor"
+done
+helm_dir="$cache/bin/helm-$HELM_VERSION-kube-$helm_kube"
+mkdir -p "$helm_dir"
+exec 9>"$helm_dir/.lock"
+flock 9   # concurrent runs (several test sessions starting clusters) build it once
+if [ ! -x "$helm_dir/helm" ]; then
+  log "helm: installing helm.sh/helm/v3/cmd/helm@$HELM_VERSION (default Kubernetes v$helm_kube)"
   start=$SECONDS
-  GOBIN="$bin/.helm-gobin" CGO_ENABLED=0 go install -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-  mv -f "$bin/.helm-gobin/helm" "$bin/helm"
-  rmdir "$bin/.helm-gobin" 2>/dev/null || true
+  GOBIN="$helm_dir/.gobin" CGO_ENABLED=0 go install -trimpath -ldflags "$helm_flags" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  mv -f "$helm_dir/.gobin/helm" "$helm_dir/helm"   # publish only a finished binary
+  rmdir "$helm_dir/.gobin" 2>/dev/null || true
   log "helm: built in $((SECONDS - start)) s"
 else
-  log "helm: cached ($bin/helm)"
+  log "helm: cached ($helm_dir/helm)"
 fi
+if [ "$(readlink "$bin/helm" 2>/dev/null || true)" != "$helm_dir/helm" ]; then
+  ln -sfn "$helm_dir/helm" "$bin/.helm.link"
+  mv -Tf "$bin/.helm.link" "$bin/helm"
+fi
+exec 9>&-
 
 echo "$bin"
