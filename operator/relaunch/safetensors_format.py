@@ -146,3 +146,92 @@ def _tensor_info(path: str, name: str, entry: object, data_start: int, data_size
             "file (truncated)"
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming writer: the header is computed from the shapes alone, so a file can be written
+# front to back (or by several processes at known offsets) without holding any tensor in memory.
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """A safetensors file decided before any tensor byte exists."""
+
+    header: bytes  # the 8-byte length prefix plus the padded JSON header
+    tensors: dict[str, TensorInfo]  # absolute offsets, in file order
+    file_size: int
+
+
+def plan_file(
+    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> FilePlan:
+    """Lay out tensors ``(name, dtype, shape)`` in the given order after a header.
+
+    The JSON header is padded with spaces to a multiple of 8 bytes, as the reference writer
+    does, so that every tensor starts 8-byte aligned relative to the data section.
+    """
+    document: dict[str, object] = {}
+    if metadata:
+        document["__metadata__"] = dict(metadata)
+    offset = 0
+    relative: list[tuple[str, str, tuple[int, ...], int, int]] = []
+    for name, dtype, shape in entries:
+        if dtype not in DTYPE_SIZES:
+            raise SafetensorsError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if name in document or name == "__metadata__":
+            raise SafetensorsError(f"tensor {name!r} appears twice")
+        size = math.prod(shape) * DTYPE_SIZES[dtype]
+        document[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        relative.append((name, dtype, tuple(shape), offset, offset + size))
+        offset += size
+    raw = json.dumps(document, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    data_start = 8 + len(raw)
+    tensors = {
+        name: TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+        for name, dtype, shape, begin, end in relative
+    }
+    return FilePlan(struct.pack("<Q", len(raw)) + raw, tensors, data_start + offset)
+
+
+class SafetensorsWriter:
+    """Write a planned file front to back: the header first, then each tensor's bytes in order.
+
+    ``write(chunk)`` may be called any number of times per tensor; the writer checks that the
+    bytes arrive in plan order and that nothing is missing at ``close()``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], plan: FilePlan) -> None:
+        self.path = os.fspath(path)
+        self.plan = plan
+        self._handle = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._handle.write(plan.header)
+        self._position = len(plan.header)
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        view = memoryview(chunk).cast("B")
+        if self._position + view.nbytes > self.plan.file_size:
+            raise SafetensorsError(f"{self.path}: more bytes than planned ({self.plan.file_size})")
+        self._handle.write(view)
+        self._position += view.nbytes
+
+    def close(self, *, fsync: bool = True) -> None:
+        try:
+            if self._position != self.plan.file_size:
+                raise SafetensorsError(
+                    f"{self.path}: {self._position} bytes written, planned {self.plan.file_size}"
+                )
+            self._handle.flush()
+            if fsync:
+                os.fsync(self._handle.fileno())
+        finally:
+            self._handle.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._handle.close()
