@@ -1,0 +1,955 @@
+"""The TrainingJob state machine, as one pure function: :func:`reconcile`.
+
+Given the parsed spec, the current ``status``, what the cluster shows (:class:`Observed`) and the
+time, it returns the actions to take (create/delete objects), the new status, the Events to
+emit after the status is written, and when to look again. It performs no I/O, so every path is
+unit-tested, and it is level-triggered: the same inputs give the same answer, which is what
+makes an operator restart in the middle of a recovery safe.
+
+Life of a job::
+
+    (new) --> recovery "Created" --> Running --failure--> recovery --> Running ... --> Succeeded
+                                                      \\--> Failed (permanent exit code, restarts
+                                                           exhausted, plan/convert/config failed)
+
+Recovery reasons: a failure (``WorkerFailed``, ``OOMKilled``, ``Evicted``, ``PodDeleted``,
+``NodeLost``; counted as a restart, with backoff) or a controlled restart, never counted:
+``Created`` (first start), ``ReplicasChanged``, ``ConfigChanged`` (config or template edited:
+incremental training), ``Shrink`` (elastic: workers unschedulable for the grace period) and
+``SpecChanged`` (the spec of a Succeeded or Failed job was edited: it continues).
+
+A recovery (``status.recovery``) moves through stages, each recorded before the next begins:
+
+    Stopping   delete every worker of older attempts (force-delete those on lost nodes) and
+               wait until none is left, so nothing writes checkpoints while we scan
+    Planning   the Job ``<job>-plan-<attempt>`` runs ``relaunch plan`` on the job's volumes;
+               its termination message (compact JSON) is stored in ``status.recovery.plan``
+    Converting only when the plan says so: the Job ``<job>-convert-<attempt>``
+    Starting   after the backoff: ConfigMap ``<job>-config-<attempt>`` (rendered config), the
+               headless Service and the worker pods; ``status.attempt`` advances in the same
+               status write; the recovery ends when every worker runs
+
+Restarts are counted when a failure starts a recovery (in the same status write), never for
+controlled restarts (``spec.replicas`` or configuration edits).
+
+The caller applies :class:`Create` actions before writing the new status and :class:`DeletePod`
+actions after it, so a crash at any point either repeats a create (409: done) or finds the
+reason for a deletion already recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from relaunch import resources
+from relaunch.model import SpecError, TrainingJobSpec
+
+HISTORY_LIMIT = 20
+#: How long to sleep when nothing but an event can change the answer; events wake us earlier.
+IDLE_REQUEUE_SECONDS = 30.0
+#: While waiting for something the watches may miss (a ConfigMap edit), look this often.
+POLL_SECONDS = 10.0
+
+PENDING, RUNNING, RECOVERING, CONVERTING, SUCCEEDED, FAILED = (
+    "Pending",
+    "Running",
+    "Recovering",
+    "Converting",
+    "Succeeded",
+    "Failed",
+)
+STOPPING, PLANNING, STAGE_CONVERTING, STARTING = "Stopping", "Planning", "Converting", "Starting"
+
+#: Recovery reasons that are not failures (not counted as restarts, no backoff).
+CONTROLLED_REASONS = frozenset({"Created", "ReplicasChanged", "ConfigChanged", "Shrink", "SpecChanged"})
+
+
+# ----------------------------------------------------------------------------------------------
+# What the cluster shows
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    attempt: int
+    index: int
+    phase: str  # Pending | Running | Succeeded | Failed | Unknown
+    node: str | None = None
+    deleting: bool = False
+    exit_code: int | None = None
+    reason: str | None = None  # OOMKilled, Error, Evicted, ...
+    message: str | None = None
+    finished_at: float | None = None
+    unschedulable_since: float | None = None  # PodScheduled=False (Unschedulable) since
+
+
+@dataclass(frozen=True)
+class HelperJobView:
+    """A planning or conversion Job, with what its pod reported."""
+
+    name: str
+    succeeded: bool = False
+    failed: bool = False
+    message: str | None = None  # the pod's termination message
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    ready: bool | None = True  # Ready condition: True / False / None (Unknown or absent)
+    not_ready_since: float | None = None
+    last_heartbeat: float | None = None  # the node Lease's renewTime
+
+
+@dataclass(frozen=True)
+class Observed:
+    pods: tuple[PodView, ...] = ()
+    jobs: Mapping[str, HelperJobView] = field(default_factory=dict)
+    #: Every node the cluster has, or None while the node watch has not synced yet (then node
+    #: loss cannot be judged and is not).
+    nodes: Mapping[str, NodeView] | None = None
+    config_text: str | None = None
+    config_error: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# What to do
+
+
+@dataclass(frozen=True)
+class Create:
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    name: str
+    force: bool = False  # grace period 0: the pod's node is gone and will never confirm
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+Action = Create | DeletePod
+
+
+@dataclass
+class Result:
+    actions: list[Action]
+    status: dict[str, Any]
+    events: list[Event]
+    requeue_after: float
+    completed_recovery: dict[str, Any] | None = None  # the history entry, for metrics
+    conversion_report: str | None = None  # the conversion Job's termination message
+
+
+# ----------------------------------------------------------------------------------------------
+# The bridge to planning (injected, so the state machine stays pure and testable)
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    action: Literal["fresh", "resume", "convert", "fail"]
+    message: str = ""
+    reason: str = ""  # CamelCase cause for a "fail" (Failed condition reason)
+    step: int | None = None
+    epoch: int | None = None
+    file: str | None = None
+    ranks: int | None = None
+    kind: str | None = None
+    convert_command: tuple[str, ...] | None = None
+    conversion_record: str | None = None  # JSON of the conversion, passed to later plans
+    detail: Any = None  # the plan object itself, for rendering
+
+
+class Planner(Protocol):
+    def plan_command(
+        self,
+        spec: TrainingJobSpec,
+        *,
+        reason: str,
+        world_size: int,
+        previous_world_size: int | None,
+        last_conversion: str | None,
+        config_text: str | None,
+    ) -> list[str]: ...
+
+    def interpret(self, message: str) -> PlanOutcome: ...
+
+    def render(self, text: str, outcome: PlanOutcome, spec: TrainingJobSpec) -> str: ...
+
+    def factorable(self, world_size: int, config_text: str | None) -> bool: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def iso_precise(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: Any) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def set_condition(
+    status: dict[str, Any],
+    type_: str,
+    state: bool,
+    reason: str,
+    message: str,
+    now: float,
+    generation: int | None,
+) -> None:
+    """Set one condition (keyed by type), keeping lastTransitionTime when the status is unchanged."""
+    value = "True" if state else "False"
+    conditions = [dict(c) for c in status.get("conditions") or []]
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    new = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": old["lastTransitionTime"]
+        if old and old.get("status") == value and old.get("lastTransitionTime")
+        else iso(now),
+    }
+    if generation is not None:
+        new["observedGeneration"] = generation
+    conditions = [c for c in conditions if c.get("type") != type_] + [new]
+    order = {"Ready": 0, "Recovering": 1, "Converting": 2, "Failed": 3}
+    conditions.sort(key=lambda c: order.get(c.get("type", ""), 9))
+    status["conditions"] = conditions
+
+
+def node_lost_at(node: NodeView | None, grace: float) -> float | None:
+    """When the node counts as lost (a time; maybe in the future), or None if it is healthy.
+
+    A deleted node is lost at once. Otherwise the earlier of: heartbeat (Lease) older than the
+    grace period, Ready condition not True for the grace period.
+    """
+    if node is None:
+        return float("-inf")
+    times = []
+    if node.last_heartbeat is not None:
+        times.append(node.last_heartbeat + grace)
+    if node.ready is not True and node.not_ready_since is not None:
+        times.append(node.not_ready_since + grace)
+    return min(times) if times else None
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str  # WorkerFailed | OOMKilled | Evicted | PodDeleted | NodeLost
+    message: str
+    pod: str
+    node: str | None = None
+    exit_code: int | None = None
+    permanent: bool = False
+
+    def as_status(self, now: float) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "reason": self.reason,
+            "message": self.message,
+            "pod": self.pod,
+            "at": iso(now),
+        }
+        if self.node:
+            out["node"] = self.node
+        if self.exit_code is not None:
+            out["exitCode"] = self.exit_code
+        return out
+
+
+def detect_failure(
+    pods: Sequence[PodView],
+    expected: int,
+    nodes: Mapping[str, NodeView] | None,
+    spec: TrainingJobSpec,
+    now: float,
+) -> tuple[Failure | None, float | None]:
+    """The failure to act on among the current attempt's pods (or None), and when to look again.
+
+    Order of precedence: a permanent exit code (retrying cannot help), a lost node, the worker
+    that failed first (the others usually fail *because* of it), a deleted or missing pod.
+    """
+    grace = float(spec.recovery.node_loss_grace_seconds)
+    failed: list[tuple[float, Failure]] = []
+    node_lost: Failure | None = None
+    deleted: Failure | None = None
+    wake: float | None = None
+    for pod in sorted(pods, key=lambda p: p.index):
+        if pod.phase == "Failed":
+            if pod.reason == "OOMKilled":
+                reason, text = "OOMKilled", f"worker {pod.name} was killed for exceeding its memory limit"
+            elif pod.reason == "Evicted":
+                reason, text = "Evicted", f"worker {pod.name} was evicted: {pod.message or 'no message'}"
+            else:
+                reason = "WorkerFailed"
+                text = f"worker {pod.name} exited with code {pod.exit_code}" + (
+                    f" ({pod.reason})" if pod.reason and pod.reason != "Error" else ""
+                )
+            permanent = pod.exit_code is not None and pod.exit_code in spec.recovery.permanent_exit_codes
+            if permanent:
+                text += "; spec.recovery.permanentExitCodes marks this code as not worth retrying"
+            failed.append(
+                (
+                    pod.finished_at if pod.finished_at is not None else now,
+                    Failure(reason, text, pod.name, pod.node, pod.exit_code, permanent),
+                )
+            )
+            continue
+        if pod.phase == "Succeeded":
+            continue
+        if pod.node and nodes is not None and node_lost is None:
+            lost_at = node_lost_at(nodes.get(pod.node), grace)
+            if lost_at is not None and lost_at <= now:
+                gone = pod.node not in nodes
+                node_lost = Failure(
+                    "NodeLost",
+                    f"node {pod.node} of worker {pod.name} "
+                    + ("was deleted" if gone else f"has been unreachable for more than {grace:g}s"),
+                    pod.name,
+                    pod.node,
+                )
+            elif lost_at is not None:
+                wake = lost_at if wake is None else min(wake, lost_at)
+        if pod.deleting and deleted is None:
+            deleted = Failure("PodDeleted", f"worker {pod.name} is being deleted", pod.name, pod.node)
+    present = {p.index for p in pods}
+    missing = [i for i in range(expected) if i not in present]
+    if missing and deleted is None:
+        deleted = Failure("PodDeleted", f"worker index {missing[0]} disappeared", f"index-{missing[0]}")
+    permanent_failures = [f for _, f in failed if f.permanent]
+    if permanent_failures:
+        return permanent_failures[0], wake
+    if node_lost:
+        return node_lost, wake
+    if failed:
+        return min(failed, key=lambda item: item[0])[1], wake
+    return deleted, wake
+
+
+# ----------------------------------------------------------------------------------------------
+# The state machine
+
+
+@dataclass
+class _Round:
+    """Mutable working state of one reconcile call."""
+
+    ref: resources.JobRef
+    spec: TrainingJobSpec
+    generation: int | None
+    observed: Observed
+    now: float
+    planner: Planner
+    status: dict[str, Any]
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue: float = IDLE_REQUEUE_SECONDS
+    completed: dict[str, Any] | None = None
+    conversion_report: str | None = None
+
+    def wake_in(self, seconds: float) -> None:
+        self.requeue = max(0.05, min(self.requeue, seconds))
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.events.append(Event(type_, reason, message))
+
+    def condition(self, type_: str, state: bool, reason: str, message: str) -> None:
+        set_condition(self.status, type_, state, reason, message, self.now, self.generation)
+
+
+def reconcile(
+    ref: resources.JobRef,
+    spec: TrainingJobSpec | SpecError,
+    generation: int | None,
+    status: Mapping[str, Any] | None,
+    observed: Observed,
+    now: float,
+    planner: Planner,
+) -> Result:
+    """One level-triggered round: see the module docstring."""
+    st = copy.deepcopy(dict(status or {}))
+    if isinstance(spec, SpecError):
+        if st.get("phase") != FAILED:
+            st["phase"] = FAILED
+            st["finishedGeneration"] = generation
+            st["message"] = f"invalid spec: {spec}"
+            set_condition(st, "Failed", True, "InvalidSpec", str(spec), now, generation)
+            set_condition(st, "Ready", False, "InvalidSpec", str(spec), now, generation)
+            return Result([], st, [Event("Warning", "InvalidSpec", str(spec))], IDLE_REQUEUE_SECONDS)
+        return Result([], st, [], IDLE_REQUEUE_SECONDS)
+
+    r = _Round(ref, spec, generation, observed, now, planner, st)
+    if generation is not None:
+        st["observedGeneration"] = generation
+    phase = st.get("phase")
+    finished_generation = st.get("finishedGeneration")
+    if (
+        phase in (SUCCEEDED, FAILED)
+        and generation is not None
+        and finished_generation is not None
+        and generation > finished_generation
+    ):
+        # The user edited a finished job: a fixed config or pinned step after a failure (with a
+        # fresh restart budget), or more epochs / a new dataset after success. Either way it
+        # continues from the latest checkpoint.
+        st.pop("finishedGeneration", None)
+        if phase == FAILED:
+            st["restarts"] = 0
+            r.condition("Failed", False, "SpecChanged", f"spec changed (generation {generation}); retrying")
+        _start_recovery(
+            r,
+            "SpecChanged",
+            f"the spec changed after the job {phase.lower()} (generation {generation})",
+            counted=False,
+        )
+        _advance_recovery(r)
+    elif phase in (SUCCEEDED, FAILED):
+        _finished(r)
+    else:
+        _active(r)
+    return Result(r.actions, r.status, r.events, r.requeue, r.completed, r.conversion_report)
+
+
+def _finished(r: _Round) -> None:
+    """Terminal phases: make sure no worker is left running after a failure."""
+    if r.status.get("phase") == FAILED:
+        for pod in r.observed.pods:
+            if pod.phase not in ("Succeeded", "Failed") and not pod.deleting:
+                r.actions.append(DeletePod(pod.name))
+
+
+def _active(r: _Round) -> None:
+    st = r.status
+    attempt = int(st.get("attempt") or 0)
+    rec = st.get("recovery")
+
+    # Workers of attempts that are neither current nor being started are leftovers (e.g. an
+    # operator restart between deleting and recording); remove them. Stopping handles the rest.
+    keep = {attempt} | ({int(rec["attempt"])} if rec else set())
+    if not rec:
+        for pod in r.observed.pods:
+            if pod.attempt not in keep and not pod.deleting:
+                r.actions.append(DeletePod(pod.name))
+
+    if rec is None:
+        if attempt == 0:
+            _start_recovery(r, "Created", f"starting {r.spec.replicas} workers", counted=False)
+        else:
+            _watch_running(r, attempt)
+    rec = st.get("recovery")
+    if rec is not None:
+        _advance_recovery(r)
+
+
+def _current_pods(r: _Round, attempt: int) -> list[PodView]:
+    return [p for p in r.observed.pods if p.attempt == attempt]
+
+
+def _watch_running(r: _Round, attempt: int) -> None:
+    """A gang is (supposed to be) running: succeed, fail, or start a recovery."""
+    st, spec = r.status, r.spec
+    pods = _current_pods(r, attempt)
+    expected = int(st.get("workers") or spec.replicas)
+    if len(pods) >= expected and all(p.phase == "Succeeded" for p in pods):
+        st["phase"] = SUCCEEDED
+        st["finishedGeneration"] = r.generation
+        st["message"] = f"all {expected} workers of attempt {attempt} completed"
+        st["readyWorkers"] = 0
+        r.condition("Ready", False, "Succeeded", st["message"])
+        r.condition("Recovering", False, "Succeeded", "")
+        r.event("Normal", "Succeeded", st["message"])
+        return
+    failure, wake = detect_failure(pods, expected, r.observed.nodes, spec, r.now)
+    if wake is not None:
+        r.wake_in(wake - r.now)
+    if failure is not None:
+        _on_failure(r, failure)
+        return
+    running = sum(1 for p in pods if p.phase == "Running")
+    st["readyWorkers"] = running
+
+    requested = int(st.get("replicasRequested") or st.get("workers") or spec.replicas)
+    if spec.replicas != requested:
+        world = spec.replicas * spec.ranks_per_worker
+        if not r.planner.factorable(world, r.observed.config_text):
+            # Refused before anything is stopped: the running gang keeps training.
+            message = (
+                f"spec.replicas {spec.replicas} ({world} ranks) cannot be factored as data_parallel x "
+                "the config's model_parallel x pipeline_stage; the job keeps running with "
+                f"{st.get('workers')} workers: choose a size the layout divides"
+            )
+            if st.get("message") != message:
+                r.event("Warning", "ReplicasRejected", message)
+            st["message"] = message
+            r.condition("Ready", running == expected, "ReplicasRejected", message)
+            return
+        _start_recovery(
+            r,
+            "ReplicasChanged",
+            f"spec.replicas changed from {requested} to {spec.replicas}",
+            counted=False,
+        )
+        return
+    if (
+        r.observed.config_error is None
+        and st.get("configHash")
+        and spec.restart_hash(r.observed.config_text) != st["configHash"]
+    ):
+        _start_recovery(r, "ConfigChanged", "the configuration or worker template changed", counted=False)
+        return
+    if spec.config is not None and spec.config.config_map:
+        r.wake_in(POLL_SECONDS)  # ConfigMap edits are not watched: poll for them
+    if running == expected and st.get("phase") != RUNNING:
+        st["phase"] = RUNNING
+        st["message"] = f"{running} workers running (attempt {attempt})"
+        r.condition("Ready", True, "AllWorkersRunning", st["message"])
+
+
+def _on_failure(r: _Round, failure: Failure) -> None:
+    st, spec = r.status, r.spec
+    st["lastFailure"] = failure.as_status(r.now)
+    restarts = int(st.get("restarts") or 0)
+    if failure.permanent:
+        _fail(r, "PermanentFailure", failure.message)
+        return
+    if restarts >= spec.recovery.max_restarts:
+        _fail(
+            r,
+            "MaxRestartsExceeded",
+            f"{failure.message}; the job already restarted {restarts} times "
+            f"(spec.recovery.maxRestarts is {spec.recovery.max_restarts})",
+        )
+        return
+    _start_recovery(r, failure.reason, failure.message, counted=True)
+
+
+def _fail(r: _Round, reason: str, message: str) -> None:
+    st = r.status
+    st["phase"] = FAILED
+    st["finishedGeneration"] = r.generation
+    st["message"] = message
+    st["readyWorkers"] = 0
+    st.pop("recovery", None)
+    r.condition("Failed", True, reason, message)
+    r.condition("Ready", False, reason, message)
+    r.condition("Recovering", False, reason, "")
+    r.condition("Converting", False, reason, "")
+    r.event("Warning", reason, message)
+    _finished(r)
+
+
+def _start_recovery(
+    r: _Round, reason: str, message: str, *, counted: bool, replicas: int | None = None
+) -> None:
+    st, spec = r.status, r.spec
+    attempt = int(st.get("attempt") or 0)
+    # A recovery that failed before starting its workers used its number (its planning Job
+    # exists): the next one must not reuse it.
+    target = max(attempt, int(st.get("lastPlannedAttempt") or 0)) + 1
+    st["lastPlannedAttempt"] = target
+    rec: dict[str, Any] = {
+        "attempt": target,
+        "reason": reason,
+        "message": message,
+        "stage": STOPPING,
+        "counted": counted,
+        "detectedAt": iso_precise(r.now),
+        "stageStartedAt": iso_precise(r.now),
+        "replicas": replicas if replicas is not None else spec.replicas,
+        "requested": spec.replicas,
+        "seconds": {},
+    }
+    if attempt > 0 and st.get("worldSize"):
+        rec["fromWorldSize"] = int(st["worldSize"])
+    if counted:
+        restarts = int(st.get("restarts") or 0) + 1
+        st["restarts"] = restarts
+        delay = spec.recovery.backoff_seconds(restarts)
+        if delay > 0:
+            rec["notBefore"] = iso_precise(r.now + delay)
+    st["recovery"] = rec
+    st["phase"] = PENDING if reason == "Created" else RECOVERING
+    st["message"] = f"{reason}: {message}"
+    st["readyWorkers"] = 0
+    if reason != "Created":
+        r.condition("Ready", False, reason, message)
+        r.condition("Recovering", True, reason, message)
+        r.event(
+            "Warning" if counted else "Normal",
+            "RecoveryStarted",
+            f"{message}; starting attempt {target}"
+            + (f" (restart {st['restarts']} of at most {spec.recovery.max_restarts})" if counted else ""),
+        )
+    else:
+        r.condition("Ready", False, "Starting", message)
+
+
+def _enter_stage(r: _Round, stage: str) -> None:
+    rec = r.status["recovery"]
+    started = parse_time(rec.get("stageStartedAt")) or r.now
+    seconds = dict(rec.get("seconds") or {})
+    seconds[rec["stage"]] = round(max(0.0, r.now - started), 3)
+    rec["seconds"] = seconds
+    rec["stage"] = stage
+    rec["stageStartedAt"] = iso_precise(r.now)
+
+
+def _advance_recovery(r: _Round) -> None:
+    # Each stage either waits (returns False) or moves on within this same round, so a recovery
+    # whose steps are all ready completes without extra wake-ups.
+    for _ in range(6):
+        rec = r.status.get("recovery")
+        if rec is None:
+            return
+        stage = rec.get("stage")
+        if stage == STOPPING:
+            moved = _stopping(r, rec)
+        elif stage == PLANNING:
+            moved = _planning(r, rec)
+        elif stage == STAGE_CONVERTING:
+            moved = _converting(r, rec)
+        elif stage == STARTING:
+            moved = _starting(r, rec)
+        else:  # unknown stage (hand-edited status): start the stage machine over
+            rec["stage"] = STOPPING
+            moved = True
+        if not moved:
+            return
+
+
+def _lost_nodes(r: _Round) -> set[str]:
+    """Nodes judged lost: those of our pods (deleted nodes included) and any other known node."""
+    nodes = r.observed.nodes
+    if nodes is None:
+        return set()
+    grace = float(r.spec.recovery.node_loss_grace_seconds)
+    names = set(nodes) | {p.node for p in r.observed.pods if p.node}
+    lost = set()
+    for name in names:
+        at = node_lost_at(nodes.get(name), grace)
+        if at is not None and at <= r.now:
+            lost.add(name)
+    return lost
+
+
+def _stopping(r: _Round, rec: dict[str, Any]) -> bool:
+    target = int(rec["attempt"])
+    old = [p for p in r.observed.pods if p.attempt < target]
+    if not old:
+        _enter_stage(r, PLANNING)
+        return True
+    lost = _lost_nodes(r)
+    for pod in old:
+        on_lost_node = pod.node in lost
+        if on_lost_node:
+            r.actions.append(DeletePod(pod.name, force=True))
+            last = r.status.get("lastFailure") or {}
+            if last.get("reason") != "NodeLost" and pod.phase not in ("Succeeded", "Failed"):
+                # The gang usually fails first because a peer vanished; the lost node is the
+                # cause, and the reason a worker could not be stopped gracefully.
+                r.status["lastFailure"] = Failure(
+                    "NodeLost",
+                    f"node {pod.node} of worker {pod.name} is lost; its pods were force-deleted",
+                    pod.name,
+                    pod.node,
+                ).as_status(r.now)
+                r.event("Warning", "NodeLost", r.status["lastFailure"]["message"])
+        elif not pod.deleting:
+            r.actions.append(DeletePod(pod.name))
+    r.status["message"] = f"{rec['reason']}: stopping {len(old)} workers"
+    r.wake_in(2.0)
+    return False
+
+
+def _plan_outcome(r: _Round, rec: dict[str, Any]) -> PlanOutcome | None:
+    text = rec.get("plan")
+    if not text:
+        return None
+    return r.planner.interpret(text)
+
+
+def _planning(r: _Round, rec: dict[str, Any]) -> bool:
+    target = int(rec["attempt"])
+    name = resources.plan_job_name(r.ref.name, target)
+    if not rec.get("plan"):
+        job = r.observed.jobs.get(name)
+        if job is None or not (job.message or job.failed):
+            if job is None:
+                command = r.planner.plan_command(
+                    r.spec,
+                    reason=rec["reason"],
+                    world_size=int(rec["replicas"]) * r.spec.ranks_per_worker,
+                    previous_world_size=rec.get("fromWorldSize"),
+                    last_conversion=r.status.get("lastConversion"),
+                    config_text=r.observed.config_text,
+                )
+                avoid = sorted(_lost_nodes(r))
+                job_manifest = resources.build_plan_job(r.ref, r.spec, target, command, avoid_nodes=avoid)
+                r.actions.append(Create(job_manifest))
+                rec["planJob"] = name
+                r.status["message"] = f"{rec['reason']}: planning (Job {name})"
+            r.wake_in(5.0)
+            return False
+        if not job.message:
+            _fail(
+                r,
+                "PlanningFailed",
+                f"planning Job {name} failed with exit code {job.exit_code} and reported nothing; "
+                f"see `kubectl logs job/{name}`",
+            )
+            return False
+        rec["plan"] = job.message
+    try:
+        outcome = r.planner.interpret(rec["plan"])
+    except ValueError as exc:
+        _fail(r, "PlanningFailed", f"planning Job {name} reported an unreadable plan: {exc}")
+        return False
+    if outcome.action == "fail":
+        _fail(
+            r, outcome.reason or "NoUsableCheckpoint", outcome.message or "the plan found nothing to resume"
+        )
+        return False
+    r.event("Normal", "Planned", outcome.message or f"plan: {outcome.action}")
+    _enter_stage(r, STAGE_CONVERTING if outcome.action == "convert" else STARTING)
+    return True
+
+
+def _converting(r: _Round, rec: dict[str, Any]) -> bool:
+    st = r.status
+    target = int(rec["attempt"])
+    name = resources.convert_job_name(r.ref.name, target)
+    outcome = _plan_outcome(r, rec)
+    if outcome is None:  # a hand-edited status lost the plan: plan again
+        rec["stage"] = PLANNING
+        return True
+    job = r.observed.jobs.get(name)
+    if job is None:
+        if not outcome.convert_command:
+            _fail(r, "ConversionFailed", "the plan asks for a conversion but names no conversion command")
+            return False
+        job_manifest = resources.build_convert_job(
+            r.ref, r.spec, target, outcome.convert_command, avoid_nodes=sorted(_lost_nodes(r))
+        )
+        r.actions.append(Create(job_manifest))
+        rec["convertJob"] = name
+        st["phase"] = CONVERTING
+        st["message"] = f"converting the checkpoint of step {outcome.step} (Job {name})"
+        r.condition("Converting", True, "Converting", st["message"])
+        r.event("Normal", "Converting", st["message"])
+        r.wake_in(5.0)
+        return False
+    if job.succeeded:
+        r.conversion_report = job.message
+        if outcome.conversion_record:
+            st["lastConversion"] = outcome.conversion_record
+        r.condition("Converting", False, "Converted", f"Job {name} completed")
+        r.event("Normal", "Converted", f"conversion Job {name} completed")
+        st["phase"] = RECOVERING
+        _enter_stage(r, STARTING)
+        return True
+    if job.failed:
+        _fail(
+            r,
+            "ConversionFailed",
+            f"conversion Job {name} failed (exit code {job.exit_code}): {job.message or 'no message'}; "
+            f"see `kubectl logs job/{name}`",
+        )
+        return False
+    st["phase"] = CONVERTING
+    r.wake_in(5.0)
+    return False
+
+
+def _starting(r: _Round, rec: dict[str, Any]) -> bool:
+    st, spec = r.status, r.spec
+    target = int(rec["attempt"])
+    replicas = int(rec["replicas"])
+    if int(st.get("attempt") or 0) != target:
+        not_before = parse_time(rec.get("notBefore"))
+        if not_before is not None and not_before > r.now:
+            # A fixed time, not a countdown: the message must not change (and be rewritten) every round.
+            restart = st.get("restarts")
+            st["message"] = (
+                f"{rec['reason']}: restarting at {iso(not_before)} (backoff before restart {restart})"
+            )
+            r.wake_in(not_before - r.now)
+            return False
+        outcome = _plan_outcome(r, rec)
+        if outcome is None:
+            rec["stage"] = PLANNING
+            return True
+        if spec.config is not None:
+            if r.observed.config_error is not None or r.observed.config_text is None:
+                st["message"] = f"waiting for the training config: {r.observed.config_error}"
+                r.event("Warning", "ConfigUnavailable", st["message"])
+                r.wake_in(POLL_SECONDS)
+                return False
+            try:
+                text = r.planner.render(r.observed.config_text, outcome, spec)
+            except ValueError as exc:
+                _fail(
+                    r, "ConfigRejected", f"the training config cannot be rendered for attempt {target}: {exc}"
+                )
+                return False
+            r.actions.append(Create(resources.build_config_map(r.ref, target, text)))
+        r.actions.append(Create(resources.build_service(r.ref)))
+        avoid = sorted(_lost_nodes(r))
+        for index in range(replicas):
+            r.actions.append(
+                Create(resources.build_worker_pod(r.ref, spec, target, index, replicas, avoid_nodes=avoid))
+            )
+        st["attempt"] = target
+        st["workers"] = replicas
+        st["replicasRequested"] = int(rec.get("requested") or spec.replicas)
+        st["worldSize"] = replicas * spec.ranks_per_worker
+        st["configHash"] = spec.restart_hash(r.observed.config_text)
+        if outcome.step is not None:
+            checkpoint: dict[str, Any] = {"step": outcome.step}
+            for key, value in (
+                ("epoch", outcome.epoch),
+                ("file", outcome.file),
+                ("ranks", outcome.ranks),
+                ("kind", outcome.kind),
+            ):
+                if value is not None:
+                    checkpoint[key] = value
+            st["checkpoint"] = checkpoint
+        else:
+            st.pop("checkpoint", None)
+        st["message"] = f"{rec['reason']}: starting {replicas} workers (attempt {target})"
+        r.event(
+            "Normal",
+            "Starting",
+            f"starting attempt {target} with {replicas} workers; {outcome.message}".strip(),
+        )
+        r.wake_in(2.0)
+        return False
+
+    # The workers exist: wait until all run, or react to a failure among them.
+    pods = _current_pods(r, target)
+    failure, wake = detect_failure(pods, replicas, r.observed.nodes, spec, r.now)
+    if wake is not None:
+        r.wake_in(wake - r.now)
+    if failure is not None:
+        st.pop("recovery", None)
+        _on_failure(r, failure)
+        return True  # a new recovery (if any) starts stopping in this same round
+    running = sum(1 for p in pods if p.phase == "Running")
+    succeeded = sum(1 for p in pods if p.phase == "Succeeded")
+    st["readyWorkers"] = running
+    if _maybe_shrink(r, pods, replicas):
+        return True
+    if running + succeeded == replicas:
+        _complete_recovery(r, rec)
+        if succeeded == replicas:  # finished before we ever saw it running
+            _watch_running(r, target)
+    return False
+
+
+def _maybe_shrink(r: _Round, pods: Sequence[PodView], replicas: int) -> bool:
+    """Elastic shrink: workers unschedulable for the grace period (capacity lost with a node)
+    restart the job on the largest allowed size that the scheduled workers show fits."""
+    spec = r.spec
+    if spec.elastic is None:
+        return False
+    grace = float(spec.recovery.node_loss_grace_seconds)
+    stuck = [p for p in pods if p.phase == "Pending" and p.unschedulable_since is not None]
+    if not stuck:
+        return False
+    since = max(p.unschedulable_since or r.now for p in stuck)
+    if r.now - since < grace:
+        r.wake_in(since + grace - r.now)
+        return False
+    fits = replicas - len(stuck)
+    sizes = spec.elastic.valid_sizes or tuple(range(spec.elastic.min_replicas, spec.replicas + 1))
+    allowed = [
+        s
+        for s in sizes
+        if spec.elastic.min_replicas <= s <= fits
+        and s < replicas
+        and r.planner.factorable(s * spec.ranks_per_worker, r.observed.config_text)
+    ]
+    if not allowed:
+        r.status["message"] = (
+            f"{len(stuck)} of {replicas} workers unschedulable for {r.now - since:.0f}s and no allowed "
+            f"smaller size fits (at most {fits} workers; spec.elastic allows {list(sizes)}): waiting"
+        )
+        r.wake_in(POLL_SECONDS)
+        return False
+    size = max(allowed)
+    r.status.pop("recovery", None)
+    _start_recovery(
+        r,
+        "Shrink",
+        f"{len(stuck)} of {replicas} workers unschedulable for more than {grace:g}s; "
+        f"shrinking to {size} workers (spec.elastic)",
+        counted=False,
+        replicas=size,
+    )
+    return True
+
+
+def _complete_recovery(r: _Round, rec: dict[str, Any]) -> None:
+    st = r.status
+    _enter_stage(r, "Running")
+    seconds = dict(rec.get("seconds") or {})
+    detected = parse_time(rec.get("detectedAt")) or r.now
+    seconds["total"] = round(max(0.0, r.now - detected), 3)
+    outcome = _plan_outcome(r, rec)
+    entry: dict[str, Any] = {
+        "attempt": int(rec["attempt"]),
+        "reason": rec["reason"],
+        "message": rec.get("message", ""),
+        "detectedAt": rec.get("detectedAt"),
+        "restartedAt": iso_precise(r.now),
+        "converted": bool(outcome and outcome.action == "convert"),
+        "counted": bool(rec.get("counted")),
+        "seconds": seconds,
+    }
+    if outcome is not None and outcome.step is not None:
+        entry["fromStep"] = outcome.step
+        if outcome.epoch is not None:
+            entry["fromEpoch"] = outcome.epoch
+    st["recoveries"] = ([*list(st.get("recoveries") or []), entry])[-HISTORY_LIMIT:]
+    st.pop("recovery", None)
+    st["phase"] = RUNNING
+    workers = int(st.get("workers") or 0)
+    st["message"] = f"{workers} workers running (attempt {rec['attempt']})"
+    r.condition("Ready", True, "AllWorkersRunning", st["message"])
+    r.condition("Recovering", False, "Recovered", f"{rec['reason']}: recovered in {seconds['total']:.1f}s")
+    if rec["reason"] != "Created":
+        r.event(
+            "Normal",
+            "Recovered",
+            f"attempt {rec['attempt']}: {workers} workers running, {seconds['total']:.1f}s after "
+            f"{rec['reason']}"
+            + (f", resumed from step {entry['fromStep']}" if "fromStep" in entry else ", fresh start"),
+        )
+    else:
+        r.event("Normal", "Running", st["message"])
+    r.completed = entry
+    if r.spec.config is not None and r.spec.config.config_map:
+        r.wake_in(POLL_SECONDS)

@@ -1,0 +1,218 @@
+"""The TrainingJob API as typed values: ``spec`` parsed from a custom resource body.
+
+Parsing happens once at the entry of every reconcile round; everything after works on these
+frozen dataclasses. The CRD's schema already rejects most bad input; what it cannot express
+becomes a :class:`SpecError` whose message names the field, which the controller turns into a
+``Failed`` condition and an Event instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+GROUP = "relaunch.dev"
+VERSION = "v1alpha1"
+PLURAL = "trainingjobs"
+KIND = "TrainingJob"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DEFAULT_MOUNT_PATH = "/etc/relaunch/train.yaml"
+DEFAULT_CONFIG_KEY = "train.yaml"
+
+
+class SpecError(ValueError):
+    """A TrainingJob spec the operator cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    text: str | None = None
+    inline: Mapping[str, Any] | None = None
+    config_map: str | None = None
+    config_map_key: str = DEFAULT_CONFIG_KEY
+    mount_path: str = DEFAULT_MOUNT_PATH
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    dir: str
+    strategy_dir: str | None = None
+    format: str = "safetensors"
+    resume: str = "Latest"
+    unified_dir: str | None = None
+    conversion: str = "Unify"
+
+
+@dataclass(frozen=True)
+class RecoverySpec:
+    max_restarts: int = 10
+    backoff_initial_seconds: int = 10
+    backoff_max_seconds: int = 300
+    node_loss_grace_seconds: int = 30
+    permanent_exit_codes: frozenset[int] = frozenset({2})
+
+    def backoff_seconds(self, restart_number: int) -> float:
+        """Delay before the ``restart_number``-th restart (1-based): initial x 2^(n-1), capped."""
+        if restart_number < 1 or self.backoff_initial_seconds <= 0:
+            return 0.0
+        exponent = min(restart_number - 1, 30)  # 2**30 x anything already exceeds any sane cap
+        return float(min(self.backoff_initial_seconds * (2**exponent), self.backoff_max_seconds))
+
+
+@dataclass(frozen=True)
+class ElasticSpec:
+    min_replicas: int
+    valid_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainingJobSpec:
+    replicas: int
+    template: Mapping[str, Any]
+    checkpoint: CheckpointSpec
+    config: ConfigSource | None = None
+    ranks_per_worker: int = 1
+    elastic: ElasticSpec | None = None
+    recovery: RecoverySpec = field(default_factory=RecoverySpec)
+    image: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.replicas * self.ranks_per_worker
+
+    def restart_hash(self, config_text: str | None) -> str:
+        """Fingerprint of what a running gang was started with, apart from its size.
+
+        A change (new dataset in the config, new image in the template) means a controlled
+        restart from the latest checkpoint; recovery settings are deliberately left out.
+        """
+        payload = {
+            "template": self.template,
+            "config": config_text,
+            "ranksPerWorker": self.ranks_per_worker,
+            "checkpoint": [
+                self.checkpoint.dir,
+                self.checkpoint.format,
+                self.checkpoint.strategy_dir,
+                self.checkpoint.unified_dir,
+            ],
+            "mountPath": self.config.mount_path if self.config else None,
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _int(value: Any, path: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{path} must be an integer, found {value!r}")
+    if minimum is not None and value < minimum:
+        raise SpecError(f"{path} must be >= {minimum}, found {value}")
+    return value
+
+
+def _str(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{path} must be a non-empty string, found {value!r}")
+    return value
+
+
+def _map(value: Any, path: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{path} must be an object, found {type(value).__name__}")
+    return value
+
+
+def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
+    """Parse ``spec`` of a TrainingJob body; raise :class:`SpecError` naming the bad field."""
+    spec = _map(spec, "spec")
+    replicas = _int(spec.get("replicas"), "spec.replicas", minimum=1)
+    ranks_per_worker = _int(spec.get("ranksPerWorker", 1), "spec.ranksPerWorker", minimum=1)
+
+    template = _map(spec.get("template"), "spec.template")
+    containers = _map(template.get("spec"), "spec.template.spec").get("containers")
+    if not isinstance(containers, list) or not containers:
+        raise SpecError("spec.template.spec.containers must list at least one container")
+
+    ckpt = _map(spec.get("checkpoint"), "spec.checkpoint")
+    resume = ckpt.get("resume", "Latest")
+    checkpoint = CheckpointSpec(
+        dir=_str(ckpt.get("dir"), "spec.checkpoint.dir"),
+        strategy_dir=ckpt.get("strategyDir"),
+        format=ckpt.get("format", "safetensors"),
+        resume=_str(resume, "spec.checkpoint.resume"),
+        unified_dir=ckpt.get("unifiedDir"),
+        conversion=ckpt.get("conversion", "Unify"),
+    )
+    if checkpoint.format not in ("safetensors", "ckpt"):
+        raise SpecError(f"spec.checkpoint.format must be safetensors or ckpt, found {checkpoint.format!r}")
+    if checkpoint.resume == "Unified" and not checkpoint.unified_dir:
+        raise SpecError("spec.checkpoint.unifiedDir is required when spec.checkpoint.resume is Unified")
+
+    config: ConfigSource | None = None
+    if "config" in spec:
+        cfg = _map(spec["config"], "spec.config")
+        given = [k for k in ("text", "inline", "configMapRef") if cfg.get(k) is not None]
+        if len(given) != 1:
+            raise SpecError(f"spec.config needs exactly one of text, inline, configMapRef; found {given}")
+        ref = _map(cfg.get("configMapRef"), "spec.config.configMapRef")
+        config = ConfigSource(
+            text=cfg.get("text"),
+            inline=cfg.get("inline"),
+            config_map=_str(ref.get("name"), "spec.config.configMapRef.name") if ref else None,
+            config_map_key=ref.get("key", DEFAULT_CONFIG_KEY) if ref else DEFAULT_CONFIG_KEY,
+            mount_path=cfg.get("mountPath", DEFAULT_MOUNT_PATH),
+        )
+
+    rec = _map(spec.get("recovery"), "spec.recovery")
+    backoff = _map(rec.get("backoff"), "spec.recovery.backoff")
+    recovery = RecoverySpec(
+        max_restarts=_int(rec.get("maxRestarts", 10), "spec.recovery.maxRestarts", minimum=0),
+        backoff_initial_seconds=_int(
+            backoff.get("initialSeconds", 10), "spec.recovery.backoff.initialSeconds", minimum=0
+        ),
+        backoff_max_seconds=_int(
+            backoff.get("maxSeconds", 300), "spec.recovery.backoff.maxSeconds", minimum=0
+        ),
+        node_loss_grace_seconds=_int(
+            rec.get("nodeLossGraceSeconds", 30), "spec.recovery.nodeLossGraceSeconds", minimum=1
+        ),
+        permanent_exit_codes=frozenset(
+            _int(c, "spec.recovery.permanentExitCodes[]") for c in rec.get("permanentExitCodes", [2])
+        ),
+    )
+
+    elastic: ElasticSpec | None = None
+    if spec.get("elastic") is not None:
+        el = _map(spec["elastic"], "spec.elastic")
+        min_replicas = _int(el.get("minReplicas", replicas), "spec.elastic.minReplicas", minimum=1)
+        if min_replicas > replicas:
+            raise SpecError(
+                f"spec.elastic.minReplicas ({min_replicas}) must be <= spec.replicas ({replicas})"
+            )
+        sizes = tuple(
+            sorted({_int(s, "spec.elastic.validSizes[]", minimum=1) for s in el.get("validSizes", [])})
+        )
+        for size in sizes:
+            if not min_replicas <= size <= replicas:
+                raise SpecError(
+                    f"spec.elastic.validSizes entry {size} lies outside [{min_replicas}, {replicas}]"
+                )
+        elastic = ElasticSpec(min_replicas=min_replicas, valid_sizes=sizes)
+
+    image = spec.get("image")
+    return TrainingJobSpec(
+        replicas=replicas,
+        template=template,
+        checkpoint=checkpoint,
+        config=config,
+        ranks_per_worker=ranks_per_worker,
+        elastic=elastic,
+        recovery=recovery,
+        image=image if isinstance(image, str) and image else None,
+    )
