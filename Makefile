@@ -20,7 +20,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-unit: venv
+unit: venv binaries
 	$(BIN)/pytest -q tests
 
 binaries:

@@ -1,0 +1,36 @@
+# The relaunch operator image. The same image runs the planning and conversion Jobs of each
+# recovery (`relaunch plan`, `relaunch convert`); the chart sets the command explicitly.
+#
+#   docker build -t relaunch:0.1.0 .
+#
+# Stage 1 builds the wheel and installs it (with its dependencies, all binary wheels) into a
+# virtual environment; stage 2 copies only that environment onto the same slim base, so the final
+# image holds no compiler, no build front-end and no source tree.
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator/ operator/
+# The same three steps tests/test_dockerfile.py runs: build the wheel, install it into a fresh
+# venv, then drop the installer from that venv (the final image never installs anything).
+RUN python -m pip wheel --no-deps --wheel-dir /dist . \
+ && python -m venv /opt/relaunch \
+ && /opt/relaunch/bin/pip install --only-binary=:all: /dist/relaunch-*.whl \
+ && /opt/relaunch/bin/pip uninstall --yes pip setuptools
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="relaunch" \
+      org.opencontainers.image.description="Kubernetes operator that resumes distributed training from the newest intact checkpoint" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PATH=/opt/relaunch/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+COPY --from=build /opt/relaunch /opt/relaunch
+# A numeric, non-root user: Kubernetes' runAsNonRoot can verify it without an /etc/passwd entry.
+USER 65532:65532
+WORKDIR /tmp
+ENTRYPOINT ["relaunch", "operator"]

@@ -1,0 +1,121 @@
+{{/* Names, labels and the RBAC rules shared by the chart's templates. */}}
+
+{{- define "relaunch.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name of the release's objects; 52 characters leaves room for the "-nodes" suffix. */}}
+{{- define "relaunch.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "relaunch.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "relaunch.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "relaunch.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "relaunch.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "relaunch.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "relaunch.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.create is false but serviceAccount.name is empty: name the existing ServiceAccount the operator runs as" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "relaunch.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+What the operator does inside a namespace it serves, and nothing more (no wildcards). Each verb
+is one the operator's code (relaunch.controller) or kopf makes:
+- TrainingJobs: kopf lists and watches them and patches them (its finalizer, which lets a
+  job's daemon stop cleanly, and its progress annotations); the operator reads each one (get)
+  and writes its status subresource (merge patch).
+- Pods: the workers, created one per rank, listed by label, watched to notice failures
+  quickly, and deleted (force-deleted on a lost node) to stop a gang.
+- Services: the headless rendezvous Service, created once ("already exists" is fine).
+- ConfigMaps: the rendered training config of each attempt (create), and the user's config
+  when spec.config.configMapRef names one (get).
+- Jobs: the planning and conversion Jobs, created, listed by label and watched; finished ones
+  are removed by the TTL controller, not by the operator.
+- Events: created on the TrainingJob for each step of a recovery (kopf and the operator only
+  post core/v1 Events; they never patch them).
+*/}}
+{{- define "relaunch.namespacedRules" -}}
+- apiGroups: ["relaunch.dev"]
+  resources: ["trainingjobs"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["relaunch.dev"]
+  resources: ["trainingjobs/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end -}}
+
+{{/*
+Nodes are cluster-scoped, so even the namespaced mode needs this small ClusterRole: the
+operator lists them (polling) to notice a NotReady or deleted node within the job's grace period.
+*/}}
+{{- define "relaunch.nodeRules" -}}
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["list"]
+{{- end -}}
+
+{{/*
+Node heartbeats: the kubelet renews a Lease per node in kube-node-lease; the operator lists
+them to see a silent node before its Ready condition changes. A Role in that one namespace,
+never leases cluster-wide (other leases are controllers' leader elections).
+*/}}
+{{- define "relaunch.nodeLeaseRules" -}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["list"]
+{{- end -}}
+
+{{/* Rules that involve several values; the schema checks each value on its own. */}}
+{{- define "relaunch.validate" -}}
+{{- if and (eq .Values.watch.mode "namespaces") (empty .Values.watch.namespaces) -}}
+{{- fail "watch.mode is \"namespaces\" but watch.namespaces is empty: list the namespaces whose TrainingJobs the operator serves (e.g. --set 'watch.namespaces={team-a,team-b}'), or use watch.mode=cluster" -}}
+{{- end -}}
+{{- if and (eq .Values.watch.mode "cluster") (not (empty .Values.watch.namespaces)) -}}
+{{- fail (printf "watch.mode is \"cluster\" (every namespace) but watch.namespaces lists %s: set watch.mode=namespaces to serve only those, or empty watch.namespaces" (join ", " .Values.watch.namespaces)) -}}
+{{- end -}}
+{{- if and (not .Values.serviceAccount.create) (empty .Values.serviceAccount.name) -}}
+{{- fail "serviceAccount.create is false but serviceAccount.name is empty: name the existing ServiceAccount the operator runs as" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
+{{- fail "metrics.serviceMonitor.enabled is true but metrics.service.enabled is false: the ServiceMonitor scrapes that Service; enable it" -}}
+{{- end -}}
+{{- end -}}
