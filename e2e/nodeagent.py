@@ -330,6 +330,30 @@ def choose_stage(targets: list[str], candidates: tuple[Path, ...]) -> Path:
     )
 
 
+def image_paths(path_prefix: Path) -> tuple[Path, ...]:
+    """The host folders that stand in for a container image: the venv that ``path_prefix``
+    (its ``bin/``) belongs to, and the source tree holding that venv (editable install)."""
+    venv = path_prefix.resolve().parent
+    return (venv.parent, venv) if (venv.parent / "pyproject.toml").exists() else (venv,)
+
+
+def keep_image_visible(
+    mounts: list[tuple[Path, str, bool]], images: tuple[Path, ...]
+) -> list[tuple[Path, str, bool]]:
+    """Re-bind every image folder that a volume's mountPath would hide (an emptyDir at ``/tmp``
+    hides a checkout under ``/tmp``), as a real image's files stay visible under a volume
+    mounted elsewhere. The last entry (the termination log) stays last."""
+    targets = [PurePosixPath(os.path.normpath(target)) for _, target, _ in mounts]
+    hidden = [
+        image
+        for image in images
+        if any(_covers(target, PurePosixPath(image)) and target != PurePosixPath(image) for target in targets)
+    ]
+    if not hidden:
+        return mounts
+    return [*mounts[:-1], *((image, str(image), False) for image in hidden), *mounts[-1:]]
+
+
 def mount_script(
     hostname: str,
     mounts: list[tuple[Path, str, bool]],
@@ -939,6 +963,9 @@ class Agent:
         )
         self.ca_file = Path(args.ca_file)
         self.path_prefix: str = args.path_prefix
+        # What a real container would have in its image: the project's venv (and, through its
+        # editable install, the source tree around it).
+        self.image_paths = image_paths(Path(args.path_prefix))
         self.octet, self.octet_lock = claim_address_octet(self.state_dir)
         names = [n for n in args.nodes.split(",") if n]
         self.nodes = {name: NodeState(name, f"127.{self.octet}.0.{i + 1}") for i, name in enumerate(names)}
@@ -978,6 +1005,7 @@ class Agent:
         """The argv that runs ``command`` with every mount bind-mounted at its path, in new namespaces."""
         if not self.namespaces_ok:
             return command
+        mounts = keep_image_visible(mounts, self.image_paths)
         stage = choose_stage([target for _, target, _ in mounts], STAGE_CANDIDATES)
         script = mount_script(worker.hostname, mounts, workdir, stage)
         return [

@@ -17,7 +17,7 @@ from kubernetes import client as k8s
 
 from e2e.cluster import AgentControl
 from e2e.cluster.control import AlreadyRunning, binaries_dir, free_ports, up
-from e2e.nodeagent import STAGE_CANDIDATES, choose_stage, mount_script
+from e2e.nodeagent import STAGE_CANDIDATES, choose_stage, keep_image_visible, mount_script
 
 pytestmark = pytest.mark.e2e
 
@@ -464,6 +464,51 @@ def test_probes_gate_readiness_and_liveness_restarts(kube, namespace, wait_for):
     status = wait_for(restarted, 30, "pod 'deaf' restarted by its failing liveness probe")
     assert status.last_state.terminated.exit_code == 137
     assert condition("deaf", "Ready") == "False"
+
+
+def test_keep_image_visible_rebinds_only_hidden_image_folders() -> None:
+    log = (Path("/state/log"), "/dev/termination-log", False)
+    scratch = (Path("/state/scratch"), "/tmp", False)
+    images = (Path("/tmp/checkout"), Path("/tmp/checkout/.venv"), Path("/opt/venv"))
+    mounts = keep_image_visible([scratch, log], images)
+    assert mounts == [
+        scratch,
+        (Path("/tmp/checkout"), "/tmp/checkout", False),
+        (Path("/tmp/checkout/.venv"), "/tmp/checkout/.venv", False),
+        log,
+    ]
+    unrelated = [(Path("/state/shared"), "/shared", False), log]
+    assert keep_image_visible(unrelated, images) == unrelated
+
+
+def test_a_checkout_under_tmp_stays_visible_under_an_emptydir_at_tmp() -> None:
+    # CI may clone the repository under /tmp; the chart's pod mounts an emptyDir at /tmp. The venv
+    # (the stand-in for the container image) must still be there, as an image's files would be.
+    if subprocess.run(["unshare", "--mount", "--uts", "--", "true"], capture_output=True).returncode:
+        pytest.skip("needs mount namespaces (unshare as root), as the node agent does")
+    checkout = Path(tempfile.mkdtemp(prefix="relaunch-checkout-", dir="/tmp"))
+    try:
+        (checkout / "bin").mkdir()
+        (checkout / "bin" / "tool").write_text("#!/bin/sh\necho image-tool\n")
+        (checkout / "bin" / "tool").chmod(0o755)
+        scratch = checkout.parent / f"{checkout.name}-scratch"
+        scratch.mkdir()
+        log = checkout.parent / f"{checkout.name}-log"
+        log.write_bytes(b"")
+        mounts = [(scratch, "/tmp", False), (log, "/dev/termination-log", False)]
+        for plan, expect_ok in ((mounts, False), (keep_image_visible(mounts, (checkout,)), True)):
+            stage = choose_stage([target for _, target, _ in plan], STAGE_CANDIDATES)
+            script = mount_script("image-test", plan, "/", stage)
+            done = subprocess.run(
+                ["unshare", "--mount", "--uts", "--propagation", "private", "--", "/bin/sh", "-c", script,
+                 "pod-init", str(checkout / "bin" / "tool")],
+                capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+            )  # fmt: skip
+            assert (done.returncode == 0 and done.stdout == "image-tool\n") is expect_ok, done.stderr
+    finally:
+        shutil.rmtree(checkout)
+        shutil.rmtree(checkout.parent / f"{checkout.name}-scratch", ignore_errors=True)
+        (checkout.parent / f"{checkout.name}-log").unlink(missing_ok=True)
 
 
 def test_no_mount_hides_another_mounts_source_when_the_state_dir_is_under_tmp():
