@@ -160,14 +160,6 @@ def extra_namespaces(cluster: control.Cluster, namespace: str) -> Iterator[tuple
     for ns in (ops, other):
         kubectl(cluster, "create", "namespace", ns)
     yield ops, other
-    for ns in (namespace, ops, other):
-        # An uninstalled operator cannot remove its finalizer from the jobs it served.
-        jobs = get_json(cluster, "trainingjobs", "-n", ns) or {"items": []}
-        for job in jobs["items"]:
-            kubectl(
-                cluster, "patch", "trainingjob", job["metadata"]["name"], "-n", ns, "--type=merge",
-                "-p", '{"metadata":{"finalizers":null}}', check=False,
-            )  # fmt: skip
     for ns in (ops, other):
         kubectl(cluster, "delete", "namespace", ns, "--wait=false", check=False)
 
@@ -366,7 +358,7 @@ def test_cluster_release_serves_every_namespace_and_cannot_read_secrets(
         120,
         lambda: f"the job to run (phase {job_phase()!r})\n{operator_log(cluster, ops, release)}",
     )
-    # Deleted while the operator runs: it lets go of its finalizer, nothing is left.
+    # Deleted while the operator runs: TrainingJobs carry no finalizer, nothing is left.
     kubectl(cluster, "delete", "trainingjob", "anywhere", "-n", namespace, "--timeout=60s")
 
     helm(cluster, "uninstall", release, "-n", ops, "--wait", "--timeout=120s")

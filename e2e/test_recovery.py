@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from relaunch.controller.kube import Kube, collection_path, trainingjob_path
+from relaunch.controller.reconcile import CONTROLLED_REASONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CRD_PATH = REPO_ROOT / "crds" / "trainingjob.yaml"
@@ -371,8 +372,8 @@ def operator(cluster: Any, namespace: str, api: Kube) -> Iterator[OperatorProces
     proc = OperatorProcess(Path(cluster.kubeconfig), namespace, log, metrics_port=free_port())
     proc.start()
     yield proc
-    # Delete the TrainingJobs while the operator runs: it removes its finalizer (kopf's, for the
-    # daemon); a job deleted after the operator stopped would hold its namespace in Terminating.
+    # Delete the TrainingJobs while the operator runs, so that none carrying a finalizer (as
+    # test_no_finalizer_... makes on purpose) can hold the namespace in Terminating.
     if proc.proc is None or proc.proc.poll() is not None:
         proc.start()
     for job in api.list(trainingjob_path(namespace)):
@@ -776,13 +777,67 @@ def test_elastic_shrink_after_node_loss_when_capacity_stays_short(
     node_agent.lose_node(node)
 
     status = wait_for(
-        lambda: (s := jobs.status("shrink")).get("workers") == 2 and jobs.all_running("shrink") and s,
+        # all_running first: the status returned must be read after it saw the job Running.
+        lambda: jobs.all_running("shrink") and (s := jobs.status("shrink")).get("workers") == 2 and s,
         grace * 2 + 60,
         lambda: f"the job shrunk to 2 running workers:\n{jobs.describe('shrink')}",
     )
     reasons = [r["reason"] for r in status["recoveries"]]
     assert reasons[-1] == "Shrink", reasons
     assert status["recoveries"][-1]["converted"] is True
-    assert status["restarts"] == 1  # the node loss; the shrink itself is not a failure
+    # The shrink itself is not a failure: every counted restart is a failure recovery. The node
+    # loss is usually first seen as a peer's exit (WorkerFailed) before the grace ends, and a
+    # resumed attempt may fail again while the third worker cannot be placed; both count.
+    failures = [reason for reason in reasons if reason not in CONTROLLED_REASONS]
+    assert failures and status["restarts"] == len(failures), reasons
     assert status["replicasRequested"] == 3 and status["worldSize"] == 2
     assert all(p["spec"].get("nodeName") != node for p in jobs.workers("shrink", status["attempt"]))
+
+
+FINALIZER = "relaunch.dev/finalizer"
+
+
+def test_no_finalizer_so_deleting_a_job_needs_no_operator(
+    jobs: Jobs, operator: OperatorProcess, api: Kube, namespace: str, wait_for: WaitFor, shared: Path
+) -> None:
+    """A TrainingJob never gets a finalizer: with the operator stopped (as after ``helm
+    uninstall``), deleting one completes at once, and what it owns (pods, ConfigMaps) goes with it
+    through owner references. A job still carrying the finalizer of an older operator version
+    loses it as soon as the operator runs again, even one whose deletion already began."""
+    name = "nofin"
+    jobs.create(trainingjob(name, shared, trainer_config(epochs=50)))
+    wait_running(jobs, wait_for, name, 1, 60)
+    assert (jobs.get(name)["metadata"].get("finalizers") or []) == []
+
+    def owned() -> list[str]:
+        pods = [f"pod/{p['metadata']['name']}" for p in jobs.pods(name)]
+        maps = api.list(collection_path("ConfigMap", namespace), f"relaunch.dev/job={name}")
+        return pods + [f"configmap/{m['metadata']['name']}" for m in maps]
+
+    assert any(o.startswith("pod/") for o in owned()) and any(o.startswith("configmap/") for o in owned())
+    operator.stop()
+    assert operator.proc is not None and operator.proc.returncode == 0, "the operator stopped cleanly"
+
+    api.delete(trainingjob_path(namespace, name))
+    wait_for(lambda: not jobs.get(name), 5, f"TrainingJob {name} deleted at once, with no operator")
+    wait_for(lambda: not owned(), 120, lambda: f"the garbage collector removing {owned()}")
+
+    # TrainingJobs marked by an older operator: one deleted while no operator runs waits for it...
+    for legacy in ("legacy-deleted", "legacy-running"):
+        manifest = trainingjob(legacy, shared / legacy, trainer_config(epochs=50))
+        manifest["metadata"]["finalizers"] = [FINALIZER]
+        jobs.create(manifest)
+    api.delete(trainingjob_path(namespace, "legacy-deleted"))
+    time.sleep(1)
+    assert jobs.get("legacy-deleted")["metadata"].get("deletionTimestamp")
+    # ... and goes once the operator runs; the other one loses the finalizer and is served.
+    operator.start()
+    wait_for(lambda: not jobs.get("legacy-deleted"), 30, "the restarted operator releasing legacy-deleted")
+    wait_for(
+        lambda: (
+            not jobs.get("legacy-running")["metadata"].get("finalizers")
+            and jobs.status("legacy-running").get("phase")
+        ),
+        30,
+        lambda: f"legacy-running without finalizer and served:\n{jobs.describe('legacy-running')}",
+    )

@@ -924,3 +924,150 @@ def test_unfactorable_replicas_edit_is_refused_before_anything_stops() -> None:
     sim.generation = 3
     sim.step()
     assert sim.status["recovery"]["reason"] == "ReplicasChanged"
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-job loop registry (relaunch.controller.loops) and the kopf wiring's finalizer contract
+
+
+def _loops_scenario(body: Any) -> Any:
+    """Run ``body(loops, runs)`` on a fresh event loop; ``runs`` logs (event, key, uid) of a fake
+    job loop that waits for wake-ups, returns when told the job is gone, dies when told to."""
+    import asyncio
+
+    from relaunch.controller.loops import JobLoop, JobLoops
+
+    runs: list[tuple[str, tuple[str, str], str]] = []
+    behaviour: dict[tuple[str, str], str] = {}
+
+    async def fake_loop(loop: JobLoop) -> None:
+        runs.append(("start", loop.key, loop.uid))
+        while not loop.stopped.is_set():
+            await loop.wake.wait()
+            loop.wake.clear()
+            action = behaviour.pop(loop.key, "")
+            if action == "gone":
+                runs.append(("gone", loop.key, loop.uid))
+                return
+            if action == "die":
+                raise RuntimeError("a bug")
+            if action == "linger":
+                await asyncio.sleep(3600)  # ignores stopped: must be cancelled
+            runs.append(("woke", loop.key, loop.uid))
+        runs.append(("stopped", loop.key, loop.uid))
+
+    async def main() -> Any:
+        loops = JobLoops(fake_loop, cancellation_timeout=0.05)
+        return await body(loops, runs, behaviour)
+
+    return asyncio.run(main())
+
+
+async def _settle() -> None:
+    import asyncio
+
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_job_loops_start_once_wake_on_events_and_forget_a_gone_job() -> None:
+    async def scenario(loops: Any, runs: list[Any], behaviour: dict[Any, str]) -> None:
+        loops.ensure("ns", "a", "uid-1", {})
+        await _settle()
+        loops.ensure("ns", "a", "uid-1", {})  # a later event: a wake-up, not a second loop
+        await _settle()
+        loops.wake("ns", "a")  # a pod event
+        await _settle()
+        loops.wake("ns", "unknown")  # a pod of a job never seen: nothing to wake
+        a = ("ns", "a")
+        assert runs == [("start", a, "uid-1"), ("woke", a, "uid-1"), ("woke", a, "uid-1")]
+        behaviour[("ns", "a")] = "gone"
+        loops.wake("ns", "a")
+        await _settle()
+        assert runs[-1] == ("gone", ("ns", "a"), "uid-1")
+        assert loops.keys() == []  # the job is gone: the registry forgot it
+        assert loops.resync() == 0
+
+    _loops_scenario(scenario)
+
+
+def test_job_loops_replace_a_namesake_and_stop_on_deletion() -> None:
+    async def scenario(loops: Any, runs: list[Any], behaviour: dict[Any, str]) -> None:
+        loops.ensure("ns", "a", "uid-1", {})
+        loops.ensure("ns", "b", "uid-2", {})
+        await _settle()
+        loops.ensure("ns", "a", "uid-3", {})  # deleted and recreated under the same name
+        await _settle()
+        assert ("stopped", ("ns", "a"), "uid-1") in runs and ("start", ("ns", "a"), "uid-3") in runs
+        assert loops.get("ns", "a").uid == "uid-3"
+        loops.stop("ns", "a", uid="uid-1")  # a late DELETED event of the old one: no effect
+        assert loops.get("ns", "a") is not None
+        loops.stop("ns", "a", uid="uid-3")
+        await _settle()
+        assert runs[-1] == ("stopped", ("ns", "a"), "uid-3") and loops.keys() == [("ns", "b")]
+
+    _loops_scenario(scenario)
+
+
+def test_job_loops_restart_a_dead_loop_at_the_next_wake_up_or_resync() -> None:
+    async def scenario(loops: Any, runs: list[Any], behaviour: dict[Any, str]) -> None:
+        loops.ensure("ns", "a", "uid-1", {})
+        loops.ensure("ns", "b", "uid-2", {})
+        await _settle()
+        behaviour[("ns", "a")] = "die"
+        behaviour[("ns", "b")] = "die"
+        loops.wake_all()
+        await _settle()
+        assert loops.get("ns", "a").task.done() and loops.get("ns", "b").task.done()
+        loops.wake("ns", "a")  # a pod event restarts it at once
+        await _settle()
+        assert runs.count(("start", ("ns", "a"), "uid-1")) == 2
+        assert loops.resync() == 1  # b, whose job is still known
+        await _settle()
+        assert runs.count(("start", ("ns", "b"), "uid-2")) == 2
+        assert loops.resync() == 0
+
+    _loops_scenario(scenario)
+
+
+def test_job_loops_cancel_a_loop_that_ignores_its_stop_and_shut_down_cleanly() -> None:
+    import asyncio
+
+    async def scenario(loops: Any, runs: list[Any], behaviour: dict[Any, str]) -> None:
+        loops.ensure("ns", "a", "uid-1", {})
+        loops.ensure("ns", "b", "uid-2", {})
+        await _settle()
+        behaviour[("ns", "a")] = "linger"
+        loops.wake("ns", "a")
+        await _settle()
+        task = loops.get("ns", "a").task
+        loops.stop("ns", "a")
+        await asyncio.sleep(0.2)
+        assert task.cancelled()
+        behaviour[("ns", "b")] = "linger"
+        loops.wake("ns", "b")
+        await _settle()
+        task = loops.get("ns", "b").task
+        await loops.shutdown()
+        assert task.cancelled() and loops.keys() == []
+
+    _loops_scenario(scenario)
+
+
+def test_no_operator_handler_requires_a_finalizer() -> None:
+    """kopf adds a finalizer to every object for which a daemon, a timer or a non-optional delete
+    handler exists; the operator must need none (a TrainingJob's deletion never waits for it)."""
+    import kopf
+
+    import relaunch.controller.handlers  # registers the handlers
+
+    registry = kopf.get_default_registry()
+    handlers = [
+        handler
+        for part in vars(registry).values()
+        if hasattr(part, "get_all_handlers")
+        for handler in part.get_all_handlers()
+    ]
+    assert any(getattr(h, "fn", None) is relaunch.controller.handlers.trainingjob_changed for h in handlers)
+    assert [h.id for h in handlers if getattr(h, "requires_finalizer", False)] == []
+    assert list(registry._spawning.get_all_handlers()) == []  # no daemons, no timers

@@ -46,9 +46,9 @@ app.kubernetes.io/component: operator
 {{/*
 What the operator does inside a namespace it serves, and nothing more (no wildcards). Each verb
 is one the operator's code (relaunch.controller) or kopf makes:
-- TrainingJobs: kopf lists and watches them and patches them (its finalizer, which lets a
-  job's daemon stop cleanly, and its progress annotations); the operator reads each one (get)
-  and writes its status subresource (merge patch).
+- TrainingJobs: kopf lists and watches them and patches them (its progress annotations, and
+  removing the finalizer that older versions added); the operator reads each one (get) and
+  writes its status subresource (merge patch).
 - Pods: the workers, created one per rank, listed by label, watched to notice failures
   quickly, and deleted (force-deleted on a lost node) to stop a gang.
 - Services: the headless rendezvous Service, created once ("already exists" is fine).

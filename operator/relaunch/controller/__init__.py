@@ -7,6 +7,8 @@
 - :mod:`relaunch.controller.kube` — I/O: observing pods, Jobs and nodes, applying actions
   idempotently (409/404 mean "already done"), status patches and Events.
 - :mod:`relaunch.controller.metrics` — Prometheus metrics.
-- :mod:`relaunch.controller.handlers` — the kopf wiring: settings, one daemon per TrainingJob,
-  and the watch handlers that wake it.
+- :mod:`relaunch.controller.loops` — the registry of per-TrainingJob loops (asyncio tasks of the
+  operator process; no kopf daemon, hence no finalizer on the jobs).
+- :mod:`relaunch.controller.handlers` — the kopf wiring: settings, each TrainingJob's loop, and
+  the watch handlers that start, wake and stop it.
 """
