@@ -141,11 +141,14 @@ def launch_ranks(config_path: str, first_rank: int, count: int) -> int:
             if code
         ]
         if failed:
+            # Name every rank found dead: the one that failed first is among them, and the
+            # others may be ranks that only reacted to it before this poll saw either.
+            for rank, code in failed:
+                print(
+                    f"trainer: rank {rank} exited with code {code}; stopping this worker's other ranks",
+                    flush=True,
+                )
             rank, code = failed[0]
-            print(
-                f"trainer: rank {rank} exited with code {code}; stopping this worker's other ranks",
-                flush=True,
-            )
             for child in children:
                 if child.poll() is None:
                     child.terminate()
