@@ -99,6 +99,10 @@ import json, resource, sys, time
 sys.path.insert(0, {operator!r})
 from relaunch import convert
 args = json.loads(sys.argv[1])
+def cpu():
+    usages = map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usages)
+cpu0 = cpu()
 start = time.perf_counter()
 if args["op"] == "unify":
     files = {{int(k): v for k, v in args["files"].items()}}
@@ -107,7 +111,7 @@ else:
     result = convert.reshard({{int(k): v for k, v in args["files"].items()}}, args["strategy"], args["dst"],
                              dst_parallel=args["parallel"], workers=args["workers"])
 seconds = time.perf_counter() - start
-print(json.dumps({{"seconds": seconds, "bytes": result.bytes_written,
+print(json.dumps({{"seconds": seconds, "bytes": result.bytes_written, "cpu": cpu() - cpu0,
                   "rss_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "rss_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}}))
 """
@@ -193,6 +197,7 @@ def main() -> int:
         # Rounds interleave the baseline and the conversions, so that a noisy disk (shared
         # machines, writeback of the previous step) hits them alike; medians are reported.
         seconds: dict[str, list[float]] = {"cp": [], "cp+sync": [], "unify": [], "reshard": []}
+        cpu: dict[str, list[float]] = {"unify": [], "reshard": []}
         written: dict[str, int] = {"cp": total, "cp+sync": total}
         peaks: dict[str, tuple[int, int]] = {}
         for _ in range(args.repeat):
@@ -204,6 +209,7 @@ def main() -> int:
                 dst = os.path.join(tmp, op)
                 result = run_child(op, files, strategy, dst, args.workers, parallel)
                 seconds[op].append(result["seconds"])
+                cpu[op].append(result["cpu"])
                 written[op] = result["bytes"]
                 old = peaks.get(op, (0, 0))
                 peaks[op] = (max(old[0], result["rss_main"]), max(old[1], result["rss_workers"]))
@@ -222,7 +228,8 @@ def main() -> int:
                     f"\n         {rate[label] / rate['cp'] * 100:4.0f} % of cp, "
                     f"{rate[label] / rate['cp+sync'] * 100:4.0f} % of cp+sync; peak RSS main "
                     f"{main_rss / 2**20:.0f} MiB, worker {worker_rss / 2**20:.0f} MiB "
-                    f"(budget {budget / 2**20:.0f} MiB)"
+                    f"(budget {budget / 2**20:.0f} MiB)\n         CPU time (user + system, all processes) "
+                    f"median {statistics.median(cpu[label]):.2f} s"
                 )
                 ok &= max(peaks[label]) <= budget
             print(line)

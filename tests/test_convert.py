@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -617,3 +618,108 @@ def test_mindspore_accepts_our_strategies_and_agrees_tensor_by_tensor(tmp_path: 
                 assert not simple, (rank, name)
         assert theirs_r["global_step"][1].tobytes() == ours_r["global_step"][1].tobytes()
     assert transform_agrees > 0
+
+
+def _pieces_file(path: Path, full: np.ndarray, regions: list[convert.Region]) -> tuple[convert.Piece, ...]:
+    """Write each region of ``full`` as its own tensor of one file; return them as pieces."""
+    entries = [
+        (f"p{i}", "BF16", full[tuple(slice(a, b) for a, b in region)]) for i, region in enumerate(regions)
+    ]
+    write_file(str(path), entries, {})
+    header = convert.read_header(str(path))
+    return tuple(
+        convert.Piece(str(path), header.tensors[f"p{i}"].begin, region) for i, region in enumerate(regions)
+    )
+
+
+def _run_into_new_file(path: Path, region: convert.Region, pieces: tuple[convert.Piece, ...]) -> tuple:
+    shape = tuple(b - a for a, b in region)
+    plan = convert.plan_file([("t", "BF16", shape)])
+    with open(path, "wb") as handle:
+        handle.write(plan.header)
+        handle.truncate(plan.file_size)
+    task = convert.TensorTask(
+        str(path), "t", plan.tensors["t"].begin, 2, region, pieces, convert.checksum_algorithm()
+    )
+    try:
+        result = convert.run_task(task)
+    finally:
+        convert._close_fds()
+    return plan, result
+
+
+@pytest.mark.parametrize("window", [convert.WINDOW_BYTES, 40])
+def test_contiguous_and_strided_paths_write_identical_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    # Row pieces take the contiguous path (mapped source ranges written as they are), a grid of
+    # row and column pieces the strided one (gathered chunk by chunk); both must give the same
+    # bytes and checksums, for the whole tensor and for a window of rows that cuts pieces.
+    # Tiny windows and chunks put mapping offsets off page boundaries and split every piece.
+    monkeypatch.setattr(convert, "WINDOW_BYTES", window)
+    monkeypatch.setattr(convert, "CHUNK_BYTES", 24)
+    full = np.random.default_rng(5).integers(0, 2**16, size=(13, 10), dtype=np.uint16)
+    rows = _pieces_file(tmp_path / "rows.safetensors", full, [((0, 5), (0, 10)), ((5, 13), (0, 10))])
+    grid = _pieces_file(
+        tmp_path / "grid.safetensors",
+        full,
+        [((r0, r1), (c0, c1)) for r0, r1 in ((0, 6), (6, 13)) for c0, c1 in ((0, 3), (3, 10))],
+    )
+    contiguous_calls = []
+    original = convert._copy_range
+    monkeypatch.setattr(
+        convert, "_copy_range", lambda *args: contiguous_calls.append(args[4]) or original(*args)
+    )
+    writebacks: list[tuple[int, int]] = []
+    monkeypatch.setattr(convert, "_start_writeback", lambda fd, offset, n: writebacks.append((offset, n)))
+    for region in (((0, 13), (0, 10)), ((3, 9), (0, 10))):
+        expected = full[region[0][0] : region[0][1]].tobytes()
+        outputs = {}
+        for label, pieces in (("rows", rows), ("grid", grid)):
+            contiguous_calls.clear()
+            writebacks.clear()
+            plan, (_, _, digest, nbytes) = _run_into_new_file(tmp_path / f"{label}.out", region, pieces)
+            data = (tmp_path / f"{label}.out").read_bytes()
+            assert data[len(plan.header) :] == expected
+            assert nbytes == len(expected)
+            # The kernel was asked to write back exactly the tensor's bytes, in order.
+            begin = plan.tensors["t"].begin
+            assert writebacks and writebacks[0][0] == begin
+            assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(writebacks))
+            assert sum(n for _, n in writebacks) == len(expected)
+            if label == "rows":
+                assert sum(contiguous_calls) == len(expected)  # every byte by the contiguous path
+            else:
+                assert contiguous_calls == []
+            outputs[label] = digest
+            convert.verify_file(
+                str(tmp_path / f"{label}.out"), plan, {"t": digest}, convert.checksum_algorithm()
+            )
+        assert outputs["rows"] == outputs["grid"]
+
+
+def test_verification_rereads_the_output_and_names_a_corrupted_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(convert, "WINDOW_BYTES", 64)
+    full = np.random.default_rng(6).integers(0, 2**16, size=(40, 8), dtype=np.uint16)
+    pieces = _pieces_file(tmp_path / "src.safetensors", full, [((0, 40), (0, 8))])
+    out = tmp_path / "out.safetensors"
+    plan, (_, _, digest, _) = _run_into_new_file(out, ((0, 40), (0, 8)), pieces)
+    algorithm = convert.checksum_algorithm()
+    convert.verify_file(str(out), plan, {"t": digest}, algorithm)
+    with open(out, "r+b") as handle:  # one flipped bit past the first mapping window
+        handle.seek(plan.tensors["t"].begin + 600)
+        byte = handle.read(1)[0]
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte ^ 1]))
+    with pytest.raises(ConversionError, match=r"tensor 't' reads back with"):
+        convert.verify_file(str(out), plan, {"t": digest}, algorithm)
+
+
+def test_a_source_truncated_under_the_conversion_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    full = np.arange(64 * 4, dtype=np.uint16).reshape(64, 4)
+    pieces = _pieces_file(tmp_path / "src.safetensors", full, [((0, 64), (0, 4))])
+    os.truncate(tmp_path / "src.safetensors", pieces[0].begin + 100)  # a mapping past EOF would SIGBUS
+    with pytest.raises(convert.SafetensorsError, match="source changed"):
+        _run_into_new_file(tmp_path / "out.safetensors", ((0, 64), (0, 4)), pieces)

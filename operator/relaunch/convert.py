@@ -13,15 +13,22 @@ How a conversion runs:
    (MindSpore spreads them to balance the save); the planner takes whichever rank holds it and
    checks that the pieces cover the full tensor.
 2. **Copy** (parallel, streaming): output files are created with their header and final size,
-   then worker processes fill tensors at their offsets, one output chunk (<= ``CHUNK_BYTES``) at
-   a time: the chunk's bytes are read with ``preadv`` straight from the source files into a
-   reused buffer (no memory map whose pages would stay resident), copied into place with numpy
-   on unsigned-integer views of the element size (bit-exact for bf16 and every other dtype,
-   never through float32), checksummed (XXH3-64 through the system's libxxhash, else CRC-32)
-   and written with ``pwrite``. Peak memory is a few chunks per worker, whatever the size of
-   the checkpoint or of its largest tensor.
-3. **Verify**: each output file is re-read: its header must equal the planned one, its size the
-   planned size, and every tensor's checksum the one computed from the source bytes.
+   then worker processes fill tensors at their offsets. When every source piece of an output
+   tensor holds whole rows of it (the common case: splits along the first dimension only), the
+   tensor is a few contiguous byte ranges of the sources: each is memory-mapped a window
+   (``WINDOW_BYTES``) at a time straight from the page cache, hashed and written with ``pwrite``
+   one ``CHUNK_BYTES`` chunk at a time while that chunk is still in the CPU cache (one copy per
+   byte). Otherwise (column splits) the tensor is assembled one chunk of rows at a time in a
+   reused buffer, numpy gathering each piece's part from its mapped rows on unsigned-integer
+   views of the element size (bit-exact for bf16 and every dtype, never through float32).
+   Checksums are XXH3-64 through the system's libxxhash, else CRC-32. Every mapping is dropped
+   once used, so peak memory is a few windows per worker, whatever the size of the checkpoint.
+   The kernel is asked to start writing each ~``WINDOW_BYTES`` of output back as soon as it is
+   written (``sync_file_range``), so that the disk works during the copy rather than in the
+   final ``fsync``.
+3. **Verify**: each output file is re-read through the page cache (memory-mapped, no copy): its
+   header must equal the planned one, its size the planned size, and every tensor's checksum the
+   one computed from the source bytes.
 4. **Publish**: everything is written in ``<dst>.staging-<random>`` next to ``<dst>``; the marker
    ``relaunch-complete.json`` is written last (files fsynced first), then the staging directory is
    renamed to ``<dst>``. A re-run finds either a finished ``<dst>`` (done, idempotent) or leftover
@@ -40,6 +47,7 @@ import hashlib
 import itertools
 import json
 import math
+import mmap
 import multiprocessing
 import os
 import re
@@ -66,12 +74,13 @@ from relaunch.strategy import Layout, StrategySet
 MARKER_NAME = "relaunch-complete.json"
 MARKER_FORMAT = "relaunch-conversion"
 MARKER_VERSION = 1
-#: Bytes assembled in memory at a time per worker (one output chunk plus at most one read buffer).
-#: Small enough to stay in the CPU cache between read, hash and write: on the benchmark machine
-#: 1 MiB chunks wrote twice as fast as 16 MiB ones.
+#: Bytes hashed and written at a time per worker (and the size of the strided path's assembly
+#: buffer). Small enough to stay in the CPU cache between read, hash and write: on the benchmark
+#: machine 1 MiB chunks wrote twice as fast as 16 MiB ones.
 CHUNK_BYTES = 1024 * 1024
 #: MindSpore's unified_safetensors groups parameters into parts of about this size.
 DEFAULT_PART_BYTES = 3 * 1024**3
+UNIFY_PARTS_PER_WORKER = 4
 DEFAULT_NAME_PATTERN = "{prefix}_rank_{rank}-{epoch}_{step}.safetensors"
 SHARD_NAME_RE = re.compile(
     r"^(?P<prefix>.+?)_rank_(?P<rank>\d+)(?P<suffix>[^-]*)-(?P<epoch>\d+)_(?P<step>\d+)\.safetensors$"
@@ -416,13 +425,15 @@ class Hasher:
             raise ConversionError(f"unknown checksum {algorithm!r}; expected xxh3-64 or crc32")
 
     def update(self, view: memoryview) -> None:
+        """Hash ``view``'s bytes; read-only views (of a memory-mapped page cache) are fine."""
         if not view.nbytes:
             return
         if self._state is None:
             self._crc = zlib.crc32(view, self._crc)
             return
-        address = ctypes.addressof((ctypes.c_char * view.nbytes).from_buffer(view))
-        self._lib.XXH3_64bits_update(self._state, address, view.nbytes)
+        # numpy yields the address of a read-only buffer too (ctypes' from_buffer needs a writable one).
+        array = np.frombuffer(view, dtype=np.uint8)
+        self._lib.XXH3_64bits_update(self._state, array.ctypes.data, view.nbytes)
 
     def hexdigest(self) -> str:
         if self._state is None:
@@ -484,15 +495,6 @@ def _bytes(array: np.ndarray) -> memoryview:
     return memoryview(array.data).cast("B")
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < view.nbytes:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise SafetensorsError(f"unexpected end of file at offset {offset + done} (source changed?)")
-        done += n
-
-
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < view.nbytes:
@@ -503,26 +505,126 @@ def _uint(itemsize: int) -> np.dtype[Any]:
     return np.dtype(f"<u{itemsize}")
 
 
-def _copy_piece(dst: np.ndarray, dst_region: Region, piece: Piece, itemsize: int) -> None:
-    """Fill ``dst`` (holding ``dst_region``) with its intersection with ``piece``."""
-    inter = _intersect(dst_region, piece.region)
-    if inter is None:
+def _gather(dst: np.ndarray, dst_region: Region, sources: list[tuple[Region, int, np.ndarray]]) -> None:
+    """Fill ``dst`` (holding ``dst_region``) from mapped piece rows.
+
+    Each source is ``(piece region, full-tensor row of its first mapped row, mapped rows)``; numpy
+    copies each intersection straight from the page cache into place (one copy, bit-exact on
+    unsigned-integer views).
+    """
+    for piece_region, first_row, rows in sources:
+        inter = _intersect(dst_region, piece_region)
+        if inter is None:
+            continue
+        target = tuple(slice(a - d0, b - d0) for (a, b), (d0, _) in zip(inter, dst_region, strict=True))
+        source = (
+            slice(inter[0][0] - first_row, inter[0][1] - first_row),
+            *(slice(a - p0, b - p0) for (a, b), (p0, _) in zip(inter[1:], piece_region[1:], strict=True)),
+        )
+        dst[target] = rows[source]
+
+
+#: Source bytes mapped at a time by the contiguous path (its chunks of ``CHUNK_BYTES`` are hashed
+#: and written while still in the CPU cache); also the amount of written data after which the
+#: kernel is asked to start writing it back.
+WINDOW_BYTES = 8 * 1024 * 1024
+
+_libc: Any = None
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + nbytes)`` back to disk, without waiting.
+
+    Writeback then overlaps with the copy instead of all happening in the final ``fsync``
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` commits no journal, so it does not stall the other
+    writers as an early ``fsync`` would). Durability still comes from the ``fsync`` before publishing.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _libc = libc
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc and nbytes > 0:
+        _libc.sync_file_range(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; a failure only loses speed
+
+
+class _Writeback:
+    """Batch the ascending writes of one task into ``_start_writeback`` calls of ~``WINDOW_BYTES``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.start = self.end = -1
+
+    def wrote(self, offset: int, nbytes: int) -> None:
+        if offset != self.end:
+            self.flush()
+            self.start = offset
+        self.end = offset + nbytes
+        if self.end - self.start >= WINDOW_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.end > self.start >= 0:
+            _start_writeback(self.fd, self.start, self.end - self.start)
+        self.start = self.end  # a following contiguous write starts the next batch here
+
+
+@contextlib.contextmanager
+def _mapped(fd: int, offset: int, nbytes: int) -> Iterator[memoryview]:
+    """A read-only view of ``nbytes`` of ``fd`` at ``offset``, mapped from the page cache.
+
+    The mapping lives only inside the ``with`` block, so its pages stop counting in this process's
+    resident memory when it ends. Callers must drop every array made from the view before leaving.
+    """
+    if os.fstat(fd).st_size < offset + nbytes:
+        raise SafetensorsError(f"unexpected end of file before offset {offset + nbytes} (source changed?)")
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    if nbytes == 0:
+        yield memoryview(b"")
         return
-    fd = _fd(piece.path, os.O_RDONLY)
-    piece_shape = tuple(stop - start for start, stop in piece.region)
-    row_elems = math.prod(piece_shape[1:])
-    r0 = inter[0][0] - piece.region[0][0]
-    r1 = inter[0][1] - piece.region[0][0]
-    target = dst[tuple(slice(a - d0, b - d0) for (a, b), (d0, _) in zip(inter, dst_region, strict=True))]
-    offset = piece.begin + r0 * row_elems * itemsize
-    whole_rows = inter[1:] == piece.region[1:]
-    if whole_rows and target.flags.c_contiguous:
-        _pread_into(fd, _bytes(target), offset)  # the common case: straight into place
-        return
-    rows = _array("scratch", (r1 - r0, *piece_shape[1:]), dst.dtype)
-    _pread_into(fd, _bytes(rows), offset)
-    inner = tuple(slice(a - p0, b - p0) for (a, b), (p0, _) in zip(inter[1:], piece.region[1:], strict=True))
-    target[...] = rows[(slice(None), *inner)]
+    mapping = mmap.mmap(
+        fd,
+        offset + nbytes - start,
+        flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),  # one fault-in call, not one per page
+        prot=mmap.PROT_READ,
+        offset=start,
+    )
+    view = memoryview(mapping)[offset - start :]
+    try:
+        yield view
+    finally:
+        # A view still exported (an exception's traceback holding an array) leaves the unmapping to
+        # the garbage collector rather than raising over the original error.
+        with contextlib.suppress(BufferError):
+            view.release()
+            mapping.close()
+
+
+def _copy_range(
+    src_fd: int,
+    src_offset: int,
+    out_fd: int,
+    out_offset: int,
+    nbytes: int,
+    hasher: Hasher,
+    writeback: _Writeback,
+) -> None:
+    """Copy a contiguous byte range from a source into an output, hashing it on the way."""
+    done = 0
+    while done < nbytes:
+        window = min(WINDOW_BYTES, nbytes - done)
+        with _mapped(src_fd, src_offset + done, window) as view:
+            step = max(1, CHUNK_BYTES)
+            for first in range(0, window, step):
+                part = view[first : first + step]
+                hasher.update(part)  # hash, then write, while the chunk is still in the CPU cache
+                _pwrite_all(out_fd, part, out_offset + done + first)
+                writeback.wrote(out_offset + done + first, part.nbytes)
+                part.release()
+        done += window
 
 
 def run_task(task: TensorTask) -> tuple[str, str, str, int]:
@@ -534,25 +636,72 @@ def run_task(task: TensorTask) -> tuple[str, str, str, int]:
     hasher = Hasher(task.checksum)
     if 0 in shape:
         return task.path, task.name, hasher.hexdigest(), 0
+    row_bytes = math.prod(shape[1:]) * task.itemsize
+    writeback = _Writeback(out_fd)
+    if all(p.region[1:] == region[1:] for p in pieces):
+        # Contiguous path: every piece holds whole rows of the output region, so the output tensor
+        # is the pieces' row ranges one after the other, each one contiguous byte range in its
+        # source file and in the output (no gathering, no intermediate buffer).
+        for piece in sorted(pieces, key=lambda p: p.region[0][0]):
+            inter = _intersect(region, piece.region)
+            if inter is None:
+                continue
+            _copy_range(
+                _fd(piece.path, os.O_RDONLY),
+                piece.begin + (inter[0][0] - piece.region[0][0]) * row_bytes,
+                out_fd,
+                task.offset + (inter[0][0] - region[0][0]) * row_bytes,
+                (inter[0][1] - inter[0][0]) * row_bytes,
+                hasher,
+                writeback,
+            )
+        writeback.flush()
+        return task.path, task.name, hasher.hexdigest(), task.nbytes
+    # Strided path: assemble the output one chunk of rows at a time from every piece it overlaps,
+    # gathering from the pieces' rows mapped a window (~WINDOW_BYTES of output) at a time.
     widest = max([math.prod(shape[1:])] + [math.prod(b - a for a, b in p.region[1:]) for p in pieces])
     chunk_rows = max(1, CHUNK_BYTES // max(1, widest * task.itemsize))
+    window_rows = chunk_rows * max(1, WINDOW_BYTES // max(1, chunk_rows * widest * task.itemsize))
     dtype = _uint(task.itemsize)
-    row_bytes = math.prod(shape[1:]) * task.itemsize
-    for first in range(region[0][0], region[0][1], chunk_rows):
-        last = min(first + chunk_rows, region[0][1])
-        chunk_region = ((first, last), *region[1:])
-        chunk = _array("chunk", (last - first, *shape[1:]), dtype)
-        for piece in pieces:
-            _copy_piece(chunk, chunk_region, piece, task.itemsize)
-        view = _bytes(chunk)
-        hasher.update(view)
-        _pwrite_all(out_fd, view, task.offset + (first - region[0][0]) * row_bytes)
+    for window_first in range(region[0][0], region[0][1], window_rows):
+        window_region = ((window_first, min(window_first + window_rows, region[0][1])), *region[1:])
+        with contextlib.ExitStack() as stack:
+            sources: list[tuple[Region, int, np.ndarray]] = []
+            try:
+                for piece in pieces:
+                    inter = _intersect(window_region, piece.region)
+                    if inter is None:
+                        continue
+                    piece_shape = tuple(stop - start for start, stop in piece.region)
+                    piece_row = math.prod(piece_shape[1:]) * task.itemsize
+                    m0, m1 = (row - piece.region[0][0] for row in inter[0])
+                    mapped = stack.enter_context(
+                        _mapped(
+                            _fd(piece.path, os.O_RDONLY), piece.begin + m0 * piece_row, (m1 - m0) * piece_row
+                        )
+                    )
+                    rows = np.frombuffer(mapped, dtype=dtype).reshape((m1 - m0, *piece_shape[1:]))
+                    sources.append((piece.region, inter[0][0], rows))
+                    del rows
+                for first in range(window_region[0][0], window_region[0][1], chunk_rows):
+                    last = min(first + chunk_rows, window_region[0][1])
+                    chunk = _array("chunk", (last - first, *shape[1:]), dtype)
+                    _gather(chunk, ((first, last), *region[1:]), sources)
+                    view = _bytes(chunk)
+                    hasher.update(view)
+                    offset = task.offset + (first - region[0][0]) * row_bytes
+                    _pwrite_all(out_fd, view, offset)
+                    writeback.wrote(offset, view.nbytes)
+            finally:
+                sources.clear()  # no array may outlive its mapping
+    writeback.flush()
     return task.path, task.name, hasher.hexdigest(), task.nbytes
 
 
 def verify_file(path: str, plan: FilePlan, expected: dict[str, str], algorithm: str) -> tuple[str, int, str]:
     """Re-read ``path``: header, size and every tensor's checksum must match the source slices'.
 
+    The tensors are hashed from the page cache through a memory map (no copy into this process).
     Returns ``(path, size, file checksum)``; the file checksum is taken over the header bytes and
     the tensors' checksums (so the data is hashed once, not twice).
     """
@@ -568,16 +717,17 @@ def verify_file(path: str, plan: FilePlan, expected: dict[str, str], algorithm: 
         if head != plan.header:
             raise ConversionError(f"{path}: header bytes differ from the planned ones")
         file_hasher.update(memoryview(head))
-        view = _buffer("verify", min(CHUNK_BYTES, max(1, plan.file_size)))
         for info in plan.tensors.values():
             hasher = Hasher(algorithm)
             position = info.begin
             while position < info.end:
-                n = os.preadv(fd, [view[: min(view.nbytes, info.end - position)]], position)
-                if n <= 0:
-                    raise ConversionError(f"{path}: ends inside tensor {info.name!r}")
-                hasher.update(view[:n])
-                position += n
+                window = min(WINDOW_BYTES, info.end - position)
+                try:
+                    with _mapped(fd, position, window) as view:
+                        hasher.update(view)
+                except SafetensorsError:
+                    raise ConversionError(f"{path}: ends inside tensor {info.name!r}") from None
+                position += window
             digest = hasher.hexdigest()
             if digest != expected[info.name]:
                 raise ConversionError(
@@ -926,9 +1076,12 @@ def unify(
         tensors = load_sharded_source(src, strategy)
         params = {n: t for n, t in tensors.items() if t.layouts is not None}
         hyper = {n: t for n, t in tensors.items() if t.layouts is None}
-        # At least one part per worker (parts of >= 256 MiB), so that workers write different files.
+        # Up to UNIFY_PARTS_PER_WORKER parts per worker (parts of >= 256 MiB): workers write
+        # different files, and the parts finished first are verified while later ones are copied
+        # instead of every part being verified at the end with no write going on.
         total = sum(math.prod(t.shape) * DTYPE_SIZES[t.dtype] for t in params.values())
-        size = min(part_bytes, max(256 * 1024**2, -(-total // max(1, workers))))
+        parts = max(1, workers) * UNIFY_PARTS_PER_WORKER
+        size = min(part_bytes, max(256 * 1024**2, -(-total // parts)))
         metadata = _source_metadata(src[r] for r in sorted(src))
         outputs, name_map = plan_unify(params, hyper, staging, metadata, size)
         extra = {"source": _source_description(src, strategy), "destination": {"kind": "unified"}}
