@@ -655,8 +655,36 @@ def test_elastic_shrink_when_workers_stay_unschedulable() -> None:
     sim.step()
     assert sim.status["phase"] == "Running"
     assert sim.status["workers"] == 2 and sim.status["replicasRequested"] == 4
+    # The failure's recovery never ran its workers: it stays in the history, superseded.
+    history = [(e["reason"], e.get("supersededBy"), e["counted"]) for e in sim.status["recoveries"]]
+    assert history == [("Created", None, False), ("WorkerFailed", "Shrink", True), ("Shrink", None, False)]
+    assert "restartedAt" not in sim.status["recoveries"][1]
     sim.step()  # a shrunk gang is not mistaken for a replicas edit
     assert "recovery" not in sim.status
+
+
+def test_a_failure_during_starting_keeps_the_superseded_recovery_in_the_history() -> None:
+    sim = Sim(make_spec(recovery={"backoff": {"initialSeconds": 0}}))
+    sim.start_running()
+    sim.fail_pod("demo-1-0")
+    sim.step()
+    sim.finish_deletions()
+    sim.step()
+    sim.finish_job("demo-plan-2", plan("resume", step=5, epoch=1, ranks=2))
+    sim.step()
+    sim.fail_pod("demo-2-1")  # the new attempt fails before all its workers ran
+    sim.step()
+    assert sim.status["restarts"] == 2
+    assert sim.status["recovery"]["attempt"] == 3
+    entry = sim.status["recoveries"][-1]
+    assert (entry["attempt"], entry["reason"], entry["supersededBy"], entry["counted"]) == (
+        2,
+        "WorkerFailed",
+        "WorkerFailed",
+        True,
+    )
+    counted = [e for e in sim.status["recoveries"] if e["counted"]] + [sim.status["recovery"]]
+    assert len(counted) == sim.status["restarts"]
 
 
 def test_elastic_shrink_never_picks_a_size_the_layout_cannot_take() -> None:

@@ -552,7 +552,7 @@ def _fail(r: _Round, reason: str, message: str) -> None:
     st["finishedGeneration"] = r.generation
     st["message"] = message
     st["readyWorkers"] = 0
-    st.pop("recovery", None)
+    _record_superseded(r, reason)
     r.condition("Failed", True, reason, message)
     r.condition("Ready", False, reason, message)
     r.condition("Recovering", False, reason, "")
@@ -561,10 +561,30 @@ def _fail(r: _Round, reason: str, message: str) -> None:
     _finished(r)
 
 
+def _record_superseded(r: _Round, by_reason: str) -> None:
+    """Keep a recovery that a new one replaces before its workers ran in the history, so that
+    every counted restart has its entry there."""
+    rec = r.status.pop("recovery", None)
+    if not rec:
+        return
+    entry: dict[str, Any] = {
+        "attempt": int(rec["attempt"]),
+        "reason": rec["reason"],
+        "message": rec.get("message", ""),
+        "detectedAt": rec.get("detectedAt"),
+        "supersededBy": by_reason,
+        "converted": False,
+        "counted": bool(rec.get("counted")),
+        "seconds": dict(rec.get("seconds") or {}),
+    }
+    r.status["recoveries"] = ([*list(r.status.get("recoveries") or []), entry])[-HISTORY_LIMIT:]
+
+
 def _start_recovery(
     r: _Round, reason: str, message: str, *, counted: bool, replicas: int | None = None
 ) -> None:
     st, spec = r.status, r.spec
+    _record_superseded(r, reason)
     attempt = int(st.get("attempt") or 0)
     # A recovery that failed before starting its workers used its number (its planning Job
     # exists): the next one must not reuse it.
@@ -854,7 +874,6 @@ def _starting(r: _Round, rec: dict[str, Any]) -> bool:
     if wake is not None:
         r.wake_in(wake - r.now)
     if failure is not None:
-        st.pop("recovery", None)
         _on_failure(r, failure)
         return True  # a new recovery (if any) starts stopping in this same round
     running = sum(1 for p in pods if p.phase == "Running")
@@ -900,7 +919,6 @@ def _maybe_shrink(r: _Round, pods: Sequence[PodView], replicas: int) -> bool:
         r.wake_in(POLL_SECONDS)
         return False
     size = max(allowed)
-    r.status.pop("recovery", None)
     _start_recovery(
         r,
         "Shrink",
