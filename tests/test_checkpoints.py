@@ -514,6 +514,28 @@ def test_v2_metadata_and_tracker_problems(tmp_path: Path) -> None:
     assert scan(tmp_path, resume="100").choice.step == 100  # type: ignore[union-attr]
 
 
+def test_v2_common_json_missing_malformed_or_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trees.build_v2(tmp_path, 2, [100, 200, 300])
+    (tmp_path / "iteration_00000300" / "common.json").unlink()
+    (tmp_path / "iteration_00000200" / "common.json").write_text("[1, 2]")
+    result = scan(tmp_path)
+    assert result.choice is not None and result.choice.step == 100
+    reasons = {r.step: r.reason for r in result.rejected}
+    assert "common.json missing" in reasons[300]
+    assert "common.json is not a JSON object" in reasons[200]
+    (tmp_path / "iteration_00000200" / "common.json").write_text("{oops")
+    assert "common.json not valid JSON" in {r.step: r.reason for r in scan(tmp_path).rejected}[200]
+
+    def refuse(path: str) -> object:  # as a 0400 file owned by another user (root reads anything)
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(checkpoints, "_read_json", refuse)
+    with pytest.raises(CheckpointError, match=r"common.json: permission denied"):
+        scan(tmp_path)
+
+
 def test_v2_without_metadata_needs_every_ranks_shards(tmp_path: Path) -> None:
     written = trees.build_v2(tmp_path, 2, [100], with_metadata=False)
     assert scan(tmp_path).choice.step == 100  # type: ignore[union-attr]

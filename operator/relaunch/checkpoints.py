@@ -1171,28 +1171,41 @@ def _scan_v2(
     )
 
 
+@dataclass(frozen=True)
+class _Problem:
+    """Why a member file of an iteration cannot be used."""
+
+    reason: str
+
+
+def _read_iteration_json(directory: str, name: str) -> Any:
+    """A JSON member of an iteration directory, or a ``_Problem`` saying why it is unusable.
+
+    Permission errors are not a property of the checkpoint: they stop the scan
+    (``CheckpointError``) instead of rejecting the iteration."""
+    try:
+        return _read_json(os.path.join(directory, name))
+    except PermissionError:
+        raise CheckpointError(f"cannot read {directory}/{name}: permission denied") from None
+    except ValueError as exc:
+        return _Problem(f"{name} {exc}")
+
+
 def _check_iteration(directory: str, ranks: int | None, deep: bool) -> tuple[Choice, int] | str:
     """The iteration's ``Choice`` and world size, or why it cannot be resumed from."""
     names = {entry.name for entry in _list_dir(directory)}
-    if "common.json" in names:
-        try:
-            common = _read_json(os.path.join(directory, "common.json"))
-        except PermissionError:
-            raise CheckpointError(f"cannot read {directory}/common.json: permission denied") from None
-        except ValueError as exc:
-            return f"common.json {exc}"
-        if not isinstance(common, dict):
-            return "common.json is not a JSON object"
-    else:
+    if "common.json" not in names:
         return "common.json missing (the step counters would be lost)"
+    common = _read_iteration_json(directory, "common.json")
+    if isinstance(common, _Problem):
+        return common.reason
+    if not isinstance(common, dict):
+        return "common.json is not a JSON object"
     files: set[str]
     if "metadata.json" in names:
-        try:
-            metadata = _read_json(os.path.join(directory, "metadata.json"))
-        except PermissionError:
-            raise CheckpointError(f"cannot read {directory}/metadata.json: permission denied") from None
-        except ValueError as exc:
-            return f"metadata.json {exc}"
+        metadata = _read_iteration_json(directory, "metadata.json")
+        if isinstance(metadata, _Problem):
+            return metadata.reason
         storage = metadata.get("storage_data") if isinstance(metadata, dict) else None
         if not isinstance(storage, dict):
             return "metadata.json has no storage_data object"
