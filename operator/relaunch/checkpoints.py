@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
+from relaunch.protowire import WireError, read_varint
 from relaunch.safetensors_format import SafetensorsError, read_header
 
 Verify = Literal["header", "deep"]
@@ -399,19 +400,10 @@ class _Reader:
 
 
 def _varint(view: _Reader, pos: int, end: int, path: str) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        if pos >= end:
-            raise CkptFormatError(f"{path}: truncated (a field ends past byte {end})")
-        byte = view[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise CkptFormatError(f"{path}: malformed varint at byte {pos}")
+    try:
+        return read_varint(view, pos, end)
+    except WireError as exc:
+        raise CkptFormatError(f"{path}: {exc}") from None
 
 
 def _skip(view: _Reader, pos: int, end: int, wire: int, path: str) -> int:

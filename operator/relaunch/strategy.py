@@ -49,6 +49,8 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from relaunch.protowire import WireError, read_varint
+
 STRATEGY_FILE_RE = re.compile(r"^ckpt_strategy_rank_(\d+)\.ckpt$")
 
 
@@ -149,19 +151,10 @@ class Strategy:
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        if pos >= len(data):
-            raise StrategyError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise StrategyError("varint longer than 10 bytes")
+    try:
+        return read_varint(data, pos, len(data))
+    except WireError as exc:
+        raise StrategyError(str(exc)) from None
 
 
 def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
