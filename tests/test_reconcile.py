@@ -305,6 +305,25 @@ def test_first_failed_worker_is_reported() -> None:
     assert sim.status["lastFailure"]["pod"] == "demo-1-1"
 
 
+def test_in_the_same_second_the_killed_worker_is_reported_not_the_peer_that_reacted() -> None:
+    sim = Sim()
+    sim.start_running()
+    sim.fail_pod("demo-1-0", code=1, at=T0 + 5)  # exited because its peer vanished
+    sim.fail_pod("demo-1-1", code=137, at=T0 + 5)  # SIGKILLed: the cause
+    sim.step()
+    assert sim.status["lastFailure"]["pod"] == "demo-1-1"
+    assert sim.status["lastFailure"]["exitCode"] == 137
+
+
+def test_an_earlier_error_exit_still_wins_over_a_later_kill() -> None:
+    sim = Sim()
+    sim.start_running()
+    sim.fail_pod("demo-1-0", code=137, at=T0 + 6)
+    sim.fail_pod("demo-1-1", code=1, at=T0 + 5)
+    sim.step()
+    assert sim.status["lastFailure"]["pod"] == "demo-1-1"
+
+
 def test_max_restarts_exhausted_fails_with_reason() -> None:
     sim = Sim(make_spec(recovery={"maxRestarts": 1, "backoff": {"initialSeconds": 0}}))
     sim.start_running()

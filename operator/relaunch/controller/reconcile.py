@@ -291,9 +291,12 @@ def detect_failure(
 
     Order of precedence: a permanent exit code (retrying cannot help), a lost node, the worker
     that failed first (the others usually fail *because* of it), a deleted or missing pod.
+    ``finishedAt`` has whole-second precision, so failures in the same second are ordered by
+    cause: a worker killed from outside (a signal, OOMKilled, Evicted) before one that exited
+    with an error of its own, which is most often its reaction to the killed peer.
     """
     grace = float(spec.recovery.node_loss_grace_seconds)
-    failed: list[tuple[float, Failure]] = []
+    failed: list[tuple[float, int, Failure]] = []
     node_lost: Failure | None = None
     deleted: Failure | None = None
     wake: float | None = None
@@ -311,9 +314,11 @@ def detect_failure(
             permanent = pod.exit_code is not None and pod.exit_code in spec.recovery.permanent_exit_codes
             if permanent:
                 text += "; spec.recovery.permanentExitCodes marks this code as not worth retrying"
+            killed = reason != "WorkerFailed" or (pod.exit_code is not None and pod.exit_code >= 128)
             failed.append(
                 (
                     pod.finished_at if pod.finished_at is not None else now,
+                    0 if killed else 1,
                     Failure(reason, text, pod.name, pod.node, pod.exit_code, permanent),
                 )
             )
@@ -339,13 +344,13 @@ def detect_failure(
     missing = [i for i in range(expected) if i not in present]
     if missing and deleted is None:
         deleted = Failure("PodDeleted", f"worker index {missing[0]} disappeared", f"index-{missing[0]}")
-    permanent_failures = [f for _, f in failed if f.permanent]
+    permanent_failures = [f for _, _, f in failed if f.permanent]
     if permanent_failures:
         return permanent_failures[0], wake
     if node_lost:
         return node_lost, wake
     if failed:
-        return min(failed, key=lambda item: item[0])[1], wake
+        return min(failed, key=lambda item: item[:2])[2], wake
     return deleted, wake
 
 
