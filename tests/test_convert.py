@@ -261,6 +261,104 @@ def test_leftover_staging_is_removed_and_foreign_destination_refused(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out", "src"]
 
 
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of every fsync this process makes (conversions run in-process with workers=1)."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_a_durable_conversion_fsyncs_every_output_before_publishing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = random_model(12, (2, 2), 1)
+    files = write_shards(model, str(tmp_path / "src"))
+    synced = _record_fsyncs(monkeypatch)
+    result = reshard(
+        files, tmp_path / "src" / "strategy", tmp_path / "r", dst_parallel="dp=1,mp=2", workers=1
+    )
+    staging = {os.path.relpath(p, str(tmp_path)).split(os.sep, 1)[0] for p in synced if ".staging-" in p}
+    assert len(staging) == 1, "everything is flushed inside the staging directory, before the rename"
+    (staging_dir,) = staging
+    flushed = {os.path.relpath(p, str(tmp_path / staging_dir)) for p in synced if ".staging-" in p}
+    assert (
+        set(result.marker["files"]) | {convert.MARKER_NAME + ".tmp", "rank_0", "rank_1", "strategy", "."}
+        <= flushed
+    )
+    assert synced[-1] == str(tmp_path), "the rename itself is flushed last"
+    assert "durable" not in result.marker and is_complete(tmp_path / "r") == result.marker
+
+
+def test_a_no_fsync_result_is_trusted_only_on_the_boot_that_wrote_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = random_model(13, (2, 1), 1)
+    files = write_shards(model, str(tmp_path / "src"))
+    strategy = tmp_path / "src" / "strategy"
+    synced = _record_fsyncs(monkeypatch)
+    first = unify(files, strategy, tmp_path / "u", workers=1, durable=False)
+    assert synced == [] and not first.reused
+    assert first.marker["durable"] is False and first.marker["boot_id"] == convert.boot_id() is not None
+    assert is_complete(tmp_path / "u") == first.marker
+    assert unify(files, strategy, tmp_path / "u", workers=1, durable=False).reused
+    assert read_unified(str(tmp_path / "u")).keys() == model.layouts.keys()
+
+    monkeypatch.setattr(convert, "boot_id", lambda: "another-boot")  # rebooted, or another machine
+    assert is_complete(tmp_path / "u") is None
+    with pytest.raises(ConversionError, match="not a finished conversion"):  # other inputs: kept, refused
+        unify(files, strategy, tmp_path / "u", workers=1, part_bytes=1)
+    assert (tmp_path / "u" / convert.MARKER_NAME).exists()
+    again = unify(files, strategy, tmp_path / "u", workers=1)  # the same conversion: redone, durably
+    assert not again.reused and "durable" not in again.marker
+    assert is_complete(tmp_path / "u") == again.marker
+    got = read_unified(str(tmp_path / "u"))
+    for name, (_dtype, full) in model.tensors.items():
+        if name in model.layouts:
+            assert np.array_equal(got[name][1], full), name
+
+
+def test_conversions_into_one_destination_take_turns(tmp_path: Path) -> None:
+    nrng = np.random.default_rng(14)
+    tensors = {f"w{i}": ("F32", raw("F32", (256, 1024), nrng)) for i in range(16)}
+    layouts = {n: {0: Layout((2, 2), (0, -1), 2, 2)} for n in tensors}
+    model = Model(tensors, layouts, 1, 4)
+    write_shards(model, str(tmp_path / "src"))
+    argv = [
+        "convert",
+        "reshard",
+        "--src",
+        str(tmp_path / "src" / "checkpoint"),
+        "--step",
+        "10",
+        "--src-strategy",
+        str(tmp_path / "src" / "strategy"),
+        "--dst",
+        str(tmp_path / "out"),
+        "--dst-parallel",
+        "dp=1,mp=2",
+        "--workers",
+        "2",
+        "--json",
+    ]
+    code = "import sys; from relaunch import cli; sys.exit(cli.main(sys.argv[1:]))"
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    done = [json.loads(run.communicate()[0].splitlines()[-1]) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0]
+    assert sorted(event["reused"] for event in done) == [False, True, True]
+    assert is_complete(tmp_path / "out") is not None
+    assert_rank_files(same_as(model, (1, 2)), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging, no lock file
+
+
 def test_marker_records_sources_strategies_and_checksums(tmp_path: Path) -> None:
     model = random_model(5, (2, 2), 1)
     files = write_shards(model, str(tmp_path / "src"))
@@ -365,6 +463,10 @@ def test_cli_reshard_prints_json_progress_and_done(
     ]
     assert cli.main(bad) == 2
     assert "holds no safetensors file of step 31" in capsys.readouterr().err
+    unsynced = [*bad[:5], "30", *bad[6:], "--no-fsync", "--json"]
+    assert cli.main(unsynced) == 0
+    marker = is_complete(tmp_path / "u")
+    assert marker is not None and marker["durable"] is False
 
 
 @pytest.mark.slow

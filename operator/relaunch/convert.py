@@ -33,6 +33,10 @@ How a conversion runs:
    ``relaunch-complete.json`` is written last (files fsynced first), then the staging directory is
    renamed to ``<dst>``. A re-run finds either a finished ``<dst>`` (done, idempotent) or leftover
    staging directories (removed, conversion redone). The source is only ever opened read-only.
+   Conversions into one destination take turns (a ``flock`` beside it), so a second one waits and
+   then finds the first one's result instead of removing its staging directory. ``durable=False``
+   keeps the order but skips the fsyncs and the early writeback; such a result is trusted only on
+   the machine that wrote it, until it reboots (the marker records the boot id).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import itertools
 import json
@@ -127,6 +132,7 @@ class TensorTask:
     region: Region
     pieces: tuple[Piece, ...]
     checksum: str = "crc32"
+    writeback: bool = True  # start writing the output back to disk as it is written (durable runs)
 
     @property
     def nbytes(self) -> int:
@@ -552,7 +558,10 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
 
 class _Writeback:
-    """Batch the ascending writes of one task into ``_start_writeback`` calls of ~``WINDOW_BYTES``."""
+    """Batch the ascending writes of one task into ``_start_writeback`` calls of ~``WINDOW_BYTES``.
+
+    With ``fd`` -1 (a run without fsync) nothing is started: the kernel writes back when it likes.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -567,7 +576,7 @@ class _Writeback:
             self.flush()
 
     def flush(self) -> None:
-        if self.end > self.start >= 0:
+        if self.fd >= 0 and self.end > self.start >= 0:
             _start_writeback(self.fd, self.start, self.end - self.start)
         self.start = self.end  # a following contiguous write starts the next batch here
 
@@ -637,7 +646,7 @@ def run_task(task: TensorTask) -> tuple[str, str, str, int]:
     if 0 in shape:
         return task.path, task.name, hasher.hexdigest(), 0
     row_bytes = math.prod(shape[1:]) * task.itemsize
-    writeback = _Writeback(out_fd)
+    writeback = _Writeback(out_fd if task.writeback else -1)
     if all(p.region[1:] == region[1:] for p in pieces):
         # Contiguous path: every piece holds whole rows of the output region, so the output tensor
         # is the pieces' row ranges one after the other, each one contiguous byte range in its
@@ -748,13 +757,8 @@ def _verify_job(job: tuple[str, FilePlan, dict[str, str], str]) -> tuple[str, in
 # Orchestration: staging, parallel execution, marker, publish
 
 
-def is_complete(dst_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The completion marker of a finished conversion in ``dst_dir``, or ``None``.
-
-    Finished means: the marker parses, has our format and version, and every file it lists
-    exists with the recorded size (a cheap check; checksums were verified before publishing).
-    """
-    dst_dir = os.fspath(dst_dir)
+def _read_marker(dst_dir: str) -> dict[str, Any] | None:
+    """``dst_dir``'s marker when it parses and has our format and version."""
     try:
         with open(os.path.join(dst_dir, MARKER_NAME), encoding="utf-8") as handle:
             marker = json.load(handle)
@@ -765,6 +769,42 @@ def is_complete(dst_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
         or marker.get("format") != MARKER_FORMAT
         or marker.get("version") != MARKER_VERSION
     ):
+        return None
+    return marker
+
+
+def boot_id() -> str | None:
+    """This machine's boot id (Linux), which changes on every boot; ``None`` where there is none."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def _unsynced_elsewhere(marker: dict[str, Any]) -> bool:
+    """A result published without fsync, by another boot or another machine than this one.
+
+    Its files may never have reached the disk (a crash after the rename keeps the names and sizes
+    but not necessarily the data), so it is trusted only where it was written, until a reboot.
+    """
+    if marker.get("durable", True) is not False:
+        return False
+    here = boot_id()
+    return here is None or marker.get("boot_id") != here
+
+
+def is_complete(dst_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The completion marker of a finished conversion in ``dst_dir``, or ``None``.
+
+    Finished means: the marker parses, has our format and version, and every file it lists
+    exists with the recorded size (a cheap check; checksums were verified before publishing).
+    A result published without fsync (``durable: false``) counts only on the machine and boot
+    that wrote it.
+    """
+    dst_dir = os.fspath(dst_dir)
+    marker = _read_marker(dst_dir)
+    if marker is None or _unsynced_elsewhere(marker):
         return None
     files = marker.get("files")
     if not isinstance(files, dict):
@@ -806,6 +846,11 @@ def _prepare_dst(dst_dir: str, request: str) -> dict[str, Any] | None:
                 f"{marker.get('source', {}).get('directory')}); choose another destination or remove it"
             )
         return marker
+    stale = _read_marker(dst_dir)
+    if stale is not None and stale.get("request") == request and _unsynced_elsewhere(stale):
+        # This very conversion, published without fsync before a reboot (or on another machine):
+        # its data cannot be trusted, so it is redone.
+        shutil.rmtree(dst_dir)
     if os.path.lexists(dst_dir):
         if os.path.isdir(dst_dir) and not os.listdir(dst_dir):
             os.rmdir(dst_dir)
@@ -821,6 +866,41 @@ def _prepare_dst(dst_dir: str, request: str) -> dict[str, Any] | None:
         if name.startswith(prefix):  # left behind by a killed run: never trust, always redo
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     return None
+
+
+@contextlib.contextmanager
+def _exclusive(dst_dir: str) -> Iterator[None]:
+    """Hold an exclusive lock on converting into ``dst_dir``: a ``flock`` on a file beside it.
+
+    A second conversion into the same destination waits, then finds the first one's result; it
+    never removes a staging directory that is still being written. The lock goes with the process
+    (and its workers), so a killed conversion never leaves it held. The holder removes the lock
+    file when done; a waiter that then holds the lock on a removed file tries again.
+    """
+    parent = os.path.dirname(dst_dir) or "."
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".{os.path.basename(dst_dir)}.relaunch-lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            current = os.stat(path)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
 
 
 def _run_jobs(
@@ -890,6 +970,7 @@ def execute(
     *,
     workers: int,
     progress: Progress | None,
+    durable: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], int]:
     """Create, fill and verify every output file in ``staging``; return ``(files, bytes)`` for the marker."""
     for out in outputs:
@@ -902,7 +983,7 @@ def execute(
     # Per file, largest tensors first; _run_jobs decides how files interleave.
     copy_jobs = {
         os.path.join(staging, out.relpath): [
-            dataclasses.replace(task, checksum=algorithm)
+            dataclasses.replace(task, checksum=algorithm, writeback=durable)
             for task in sorted(out.tasks, key=lambda t: -t.nbytes)
         ]
         for out in outputs
@@ -945,27 +1026,38 @@ def execute(
     return dict(sorted(files.items())), total_bytes
 
 
-def _publish(staging: str, dst_dir: str, marker: dict[str, Any]) -> None:
-    # Flush every file once, at the end: an fsync while other files are still being written
-    # makes ext4 (data=ordered) commit their data too and stalls the writers.
-    for root, _dirs, names in os.walk(staging):
-        for name in names:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
+def _publish(staging: str, dst_dir: str, marker: dict[str, Any], *, durable: bool) -> None:
+    """Write the marker last and rename ``staging`` to ``dst_dir``; with ``durable``, fsync first.
+
+    Without ``durable`` the order is the same (a killed process never leaves a result that looks
+    finished), but nothing is flushed, so only a crash of the whole machine can lose the data; the
+    marker then says ``durable: false`` with the boot id (see :func:`_convert_locked`), and
+    :func:`is_complete` trusts it on this machine until it reboots.
+    """
+    if durable:
+        # Flush every file once, at the end: an fsync while other files are still being written
+        # makes ext4 (data=ordered) commit their data too and stalls the writers.
+        for root, _dirs, names in os.walk(staging):
+            for name in names:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            _fsync_dir(root)
     tmp = os.path.join(staging, MARKER_NAME + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(marker, handle, indent=1, sort_keys=True)
         handle.write("\n")
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
     os.replace(tmp, os.path.join(staging, MARKER_NAME))
-    _fsync_dir(staging)
+    if durable:
+        _fsync_dir(staging)
     os.rename(staging, dst_dir)
-    _fsync_dir(os.path.dirname(dst_dir) or ".")
+    if durable:
+        _fsync_dir(os.path.dirname(dst_dir) or ".")
 
 
 def _small_file_entry(data: bytes) -> dict[str, Any]:
@@ -982,9 +1074,34 @@ def _convert(
     *,
     workers: int,
     progress: Progress | None,
+    durable: bool,
 ) -> ConversionResult:
     started = time.monotonic()
     dst_dir = os.path.abspath(dst_dir)
+    with _exclusive(dst_dir):
+        return _convert_locked(
+            operation,
+            dst_dir,
+            request,
+            build,
+            workers=workers,
+            progress=progress,
+            durable=durable,
+            started=started,
+        )
+
+
+def _convert_locked(
+    operation: str,
+    dst_dir: str,
+    request: str,
+    build: Callable[[str], tuple[list[OutputFile], dict[str, Any], dict[str, str]]],
+    *,
+    workers: int,
+    progress: Progress | None,
+    durable: bool,
+    started: float,
+) -> ConversionResult:
     marker = _prepare_dst(dst_dir, request)
     if marker is not None:
         return ConversionResult(dst_dir, marker, True, 0, time.monotonic() - started)
@@ -992,14 +1109,12 @@ def _convert(
     os.makedirs(staging)
     try:
         outputs, marker_extra, extra_files = build(staging)
-        files, nbytes = execute(outputs, staging, workers=workers, progress=progress)
+        files, nbytes = execute(outputs, staging, workers=workers, progress=progress, durable=durable)
         for relpath, content in extra_files.items():
             path = os.path.join(staging, relpath)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
             files[relpath] = _small_file_entry(content.encode())
         strategy_dir = os.path.join(staging, "strategy")
         for relpath in os.listdir(strategy_dir) if os.path.isdir(strategy_dir) else []:
@@ -1017,8 +1132,9 @@ def _convert(
             "checksum": checksum_algorithm(),
             "files": dict(sorted(files.items())),
             **marker_extra,
+            **({} if durable else {"durable": False, "boot_id": boot_id()}),
         }
-        _publish(staging, dst_dir, marker)
+        _publish(staging, dst_dir, marker, durable=durable)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -1060,6 +1176,7 @@ def unify(
     workers: int = 2,
     part_bytes: int = DEFAULT_PART_BYTES,
     progress: Progress | None = None,
+    durable: bool = True,
 ) -> ConversionResult:
     """Merge sharded safetensors (rank -> file) into MindSpore's unified format in ``dst_dir``.
 
@@ -1067,6 +1184,9 @@ def unify(
     absent from the strategy (``global_step``, ``epoch_num``, ``loss_scale``, …) go to
     ``hyper_param.safetensors`` with the source's metadata; ``param_name_map.json`` maps names
     to parts.
+
+    ``durable=False`` skips every fsync (see :func:`_publish`): for scratch destinations whose
+    loss in a machine crash costs only a re-run. The operator's conversion Jobs are durable.
     """
     strategy = strategy_mod.read_strategy_dir(src_strategy_dir)
     src = {r: os.path.abspath(p) for r, p in src_files.items()}
@@ -1087,7 +1207,9 @@ def unify(
         extra = {"source": _source_description(src, strategy), "destination": {"kind": "unified"}}
         return outputs, extra, {"param_name_map.json": json.dumps(name_map, indent=1) + "\n"}
 
-    return _convert("unify", os.fspath(dst_dir), request, build, workers=workers, progress=progress)
+    return _convert(
+        "unify", os.fspath(dst_dir), request, build, workers=workers, progress=progress, durable=durable
+    )
 
 
 def reshard(
@@ -1100,6 +1222,7 @@ def reshard(
     name_pattern: str | None = None,
     workers: int = 2,
     progress: Progress | None = None,
+    durable: bool = True,
 ) -> ConversionResult:
     """Reshard sharded safetensors (rank -> file) or a unified directory for a new layout.
 
@@ -1109,7 +1232,8 @@ def reshard(
     source's own file name with the rank replaced (MindFormers' naming, so ``resume_training``
     with a file name keeps working). The destination layout is ``dst_strategy_dir`` or, for
     ``[dp, mp]`` device matrices, ``dst_parallel`` (``"dp=2,mp=2,pp=1"``) rescaled from the
-    source strategy (see :func:`relaunch.strategy.rescale_strategy`).
+    source strategy (see :func:`relaunch.strategy.rescale_strategy`). ``durable`` as for
+    :func:`unify`.
     """
     if (dst_strategy_dir is None) == (dst_parallel is None):
         raise ConversionError(
@@ -1213,4 +1337,6 @@ def reshard(
         }
         return outputs, extra, extra_files
 
-    return _convert("reshard", os.fspath(dst_dir), request, build, workers=workers, progress=progress)
+    return _convert(
+        "reshard", os.fspath(dst_dir), request, build, workers=workers, progress=progress, durable=durable
+    )

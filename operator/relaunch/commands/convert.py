@@ -78,6 +78,13 @@ def _source_args(parser: argparse.ArgumentParser, *, allow_unified: bool) -> Non
     parser.add_argument("--termination-log", metavar="PATH", help="also write the final JSON event here")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--json", action="store_true", help="JSON progress lines even on a terminal")
+    parser.add_argument(
+        "--no-fsync",
+        dest="durable",
+        action="store_false",
+        help="do not flush the result to disk before publishing it (faster; for scratch destinations: "
+        "the result is trusted only on this machine until it reboots)",
+    )
 
 
 def select_files(
@@ -229,7 +236,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.src_strategy:
             raise convert.ConversionError("unify needs the source strategy (--src-strategy)")
         result = convert.unify(
-            args.src_files, args.src_strategy, args.dst, workers=args.workers, progress=printer
+            args.src_files,
+            args.src_strategy,
+            args.dst,
+            workers=args.workers,
+            progress=printer,
+            durable=args.durable,
         )
     else:
         if not args.dst_strategy and not args.dst_parallel:
@@ -244,6 +256,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             name_pattern=args.out_name_pattern,
             workers=args.workers,
             progress=printer,
+            durable=args.durable,
         )
     done = {
         "event": "done",
