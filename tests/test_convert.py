@@ -359,6 +359,34 @@ def test_conversions_into_one_destination_take_turns(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging, no lock file
 
 
+def _distinct_global_steps(files: dict[int, str]) -> None:
+    """Give each source rank its own global_step value (1000 + rank), in place."""
+    for rank, path in files.items():
+        info = convert.read_header(path).tensors["global_step"]
+        with open(path, "r+b") as handle:
+            handle.seek(info.begin)
+            handle.write((1000 + rank).to_bytes(info.end - info.begin, "little"))
+
+
+def test_each_destination_rank_takes_replicated_values_from_the_rank_mindspore_picks(tmp_path: Path) -> None:
+    """Destination rank i gets global_step (and every replicated tensor) of source rank i mod size.
+
+    The copies are equal in a healthy checkpoint; here each source rank's copy is made distinct
+    so that the choice shows: it is the one MindSpore's transform_checkpoints makes.
+    """
+    model = random_model(15, (2, 2), 1)
+    files = write_shards(model, str(tmp_path / "src"))
+    _distinct_global_steps(files)
+    reshard(files, tmp_path / "src" / "strategy", tmp_path / "grow", dst_parallel="dp=4,mp=2")
+    reshard(files, tmp_path / "src" / "strategy", tmp_path / "shrink", dst_parallel="dp=1,mp=2")
+    for dst, ranks in (("grow", 8), ("shrink", 2)):
+        for rank in range(ranks):
+            (path,) = (tmp_path / dst / f"rank_{rank}").glob("*.safetensors")
+            got = read_tensors(str(path))
+            assert int(got["global_step"][1][0]) == 1000 + rank % 4, (dst, rank)
+            assert got["loss_scale"][1].tobytes() == model.tensors["loss_scale"][1].tobytes()
+
+
 def test_marker_records_sources_strategies_and_checksums(tmp_path: Path) -> None:
     model = random_model(5, (2, 2), 1)
     files = write_shards(model, str(tmp_path / "src"))
@@ -660,6 +688,7 @@ def test_mindspore_accepts_our_strategies_and_agrees_tensor_by_tensor(tmp_path: 
     tensors["global_step"] = ("I32", raw("I32", (1,), nrng))
     model = Model(tensors, layouts, 1, 8)
     files = write_shards(model, str(tmp_path / "src"))
+    _distinct_global_steps(files)  # which rank's copy each side takes shows (unify: rank 0's)
     strategy0 = str(tmp_path / "src" / "strategy" / "ckpt_strategy_rank_0.ckpt")
     script = str(Path(__file__).with_name("conv_mindspore.py"))
 
@@ -688,6 +717,9 @@ def test_mindspore_accepts_our_strategies_and_agrees_tensor_by_tensor(tmp_path: 
     for name in layouts:
         assert theirs[name][0] == ours[name][0]
         assert theirs[name][1].tobytes() == ours[name][1].tobytes() == tensors[name][1].tobytes(), name
+    theirs_hyper = read_tensors(str(tmp_path / "ms_unified" / "hyper_param.safetensors"))
+    ours_hyper = read_tensors(str(tmp_path / "ours_unified" / "hyper_param.safetensors"))
+    assert theirs_hyper["global_step"][1].tobytes() == ours_hyper["global_step"][1].tobytes()
 
     target = same_as(model, (2, 2))
     write_strategy(target, str(tmp_path / "dst_strategy"))
@@ -719,6 +751,7 @@ def test_mindspore_accepts_our_strategies_and_agrees_tensor_by_tensor(tmp_path: 
                 # output is not a box of the full tensor); where no split changes it must agree.
                 assert not simple, (rank, name)
         assert theirs_r["global_step"][1].tobytes() == ours_r["global_step"][1].tobytes()
+        assert int(ours_r["global_step"][1][0]) == 1000 + rank
     assert transform_agrees > 0
 
 

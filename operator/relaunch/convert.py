@@ -119,6 +119,7 @@ class SourceTensor:
     shape: tuple[int, ...]
     layouts: dict[int, Layout] | None  # None: replicated (not in the strategy)
     pieces: dict[Region, Piece] = field(default_factory=dict)
+    copies: dict[int, Piece] = field(default_factory=dict)  # replicated: each source rank's own copy
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,8 @@ def load_sharded_source(src_files: Mapping[int, str], strategy: StrategySet) -> 
                     f"{tensor.dtype}{list(tensor.shape)}; the checkpoint contradicts the strategy"
                 )
             key = -1 if layouts is None else stage
+            if layouts is None:
+                tensor.copies[rank] = Piece(path, info.begin, region)
             per_stage.setdefault(info.name, {}).setdefault(key, {}).setdefault(
                 region, Piece(path, info.begin, region)
             )
@@ -305,6 +308,19 @@ def _output_file(
     return OutputFile(relpath, plan, tasks)
 
 
+def _replicated_copy(
+    tensor: SourceTensor, stage: int, rank_in_stage: int, source: StrategySet | None
+) -> SourceTensor:
+    """``tensor`` read from the source rank whose copy the destination rank gets (see plan_reshard)."""
+    if source is None:
+        return tensor
+    source_stage = min(stage, source.stages - 1)
+    piece = tensor.copies.get(source_stage * source.stage_size + rank_in_stage % source.stage_size)
+    if piece is None:  # that rank does not hold it (remove_redundancy): any copy will do
+        return tensor
+    return dataclasses.replace(tensor, pieces={piece.region: piece})
+
+
 def _output_metadata(source_metadata: dict[str, str]) -> dict[str, str]:
     # Outputs hold every slice on every rank that needs it, whatever the source did.
     metadata = dict(source_metadata)
@@ -358,8 +374,15 @@ def plan_reshard(
     staging: str,
     names: Callable[[int], str],
     metadata: dict[str, str],
+    source: StrategySet | None = None,
 ) -> list[OutputFile]:
-    """One ``rank_<r>/<name>`` per destination rank: its slice of every parameter of its stage."""
+    """One ``rank_<r>/<name>`` per destination rank: its slice of every parameter of its stage.
+
+    Replicated tensors (``global_step``, ``loss_scale``, …) are copied whole. With the sharded
+    ``source`` strategy, destination rank ``i`` of a stage takes the copy of source rank
+    ``i mod (source stage size)`` of the same stage, as MindSpore's ``transform_checkpoints`` does
+    (the copies are equal in a healthy checkpoint; this keeps the choice the same when they are not).
+    """
     outputs = []
     for rank in range(dst.world_size):
         stage, rank_in_stage = dst.stage_of(rank)
@@ -376,7 +399,10 @@ def plan_reshard(
                 continue
             strategy_mod.check_layout(tensor.name, layout, tensor.shape)
             entries.append((tensor, _region(strategy_mod.rank_slices(layout, tensor.shape, rank_in_stage))))
-        entries.extend((t, _full_region(t.shape)) for t in replicated.values())
+        entries.extend(
+            (_replicated_copy(t, stage, rank_in_stage, source), _full_region(t.shape))
+            for t in replicated.values()
+        )
         outputs.append(
             _output_file(f"rank_{rank}/{names(rank)}", staging, entries, _output_metadata(metadata))
         )
@@ -1318,7 +1344,7 @@ def reshard(
             replicated = {n: t for n, t in tensors.items() if t.layouts is None}
             metadata = _source_metadata(src_map[r] for r in sorted(src_map))
             source_desc = _source_description(src_map, source_strategy)
-        outputs = plan_reshard(params, replicated, dst, staging, names, metadata)
+        outputs = plan_reshard(params, replicated, dst, staging, names, metadata, source_strategy)
         strategy_mod.write_strategy_set(os.path.join(staging, "strategy"), dst)
         extra_files = {}
         if epoch is not None and step is not None:
