@@ -5,6 +5,8 @@ Usage (from ``tests/test_convert.py``, never imported by the project's interpret
     <mindspore-env>/bin/python tests/conv_mindspore.py unify SRC_DIR STRATEGY_FILE DST_DIR
     <mindspore-env>/bin/python tests/conv_mindspore.py transform SRC_DIR SRC_STRATEGY DST_STRATEGY DST_DIR \
         PREFIX
+    <mindspore-env>/bin/python tests/conv_mindspore.py transform-ckpt SRC_DIR SRC_STRATEGY DST_STRATEGY \
+        WORK_DIR
     <mindspore-env>/bin/python tests/conv_mindspore.py parse STRATEGY_FILE
     <mindspore-env>/bin/python tests/conv_mindspore.py slice UNIFIED_DIR STRATEGY_FILE RANKS OUT_DIR
 
@@ -16,6 +18,7 @@ Create that environment with::
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -50,7 +53,6 @@ def main(argv: list[str]) -> int:
         # arithmetic (_load_tensor, with its optimizer-shard layout expansion): the arbiter when
         # converters disagree.
         import json
-        import os
 
         import numpy as np
         from mindspore import Tensor
@@ -92,6 +94,29 @@ def main(argv: list[str]) -> int:
         ms.transform_checkpoints(
             src_dir, dst_dir, prefix, src_strategy, dst_strategy, output_format="safetensors"
         )
+    elif argv[0] == "transform-ckpt":
+        # The same transformation through MindSpore's .ckpt path: the sharded safetensors are
+        # re-saved as .ckpt by MindSpore itself, transformed, and every output rank's tensors are
+        # written to WORK_DIR/rank_<r>.npz.
+        import glob
+
+        import numpy as np
+
+        src_dir, src_strategy, dst_strategy, work = argv[1:5]
+        ckpt_src = os.path.join(work, "src_ckpt")
+        for rank_dir in sorted(glob.glob(os.path.join(src_dir, "rank_*"))):
+            (path,) = glob.glob(os.path.join(rank_dir, "*.safetensors"))
+            params = ms.load_checkpoint(path, format="safetensors")
+            out = os.path.join(ckpt_src, os.path.basename(rank_dir))
+            os.makedirs(out, exist_ok=True)
+            ms.save_checkpoint(
+                [{"name": k, "data": v} for k, v in params.items()], os.path.join(out, "src.ckpt")
+            )
+        ms.transform_checkpoints(ckpt_src, os.path.join(work, "dst_ckpt"), "dst_", src_strategy, dst_strategy)
+        for rank_dir in sorted(glob.glob(os.path.join(work, "dst_ckpt", "rank_*"))):
+            (path,) = glob.glob(os.path.join(rank_dir, "*.ckpt"))
+            arrays = {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items()}
+            np.savez(os.path.join(work, os.path.basename(rank_dir) + ".npz"), **arrays)  # type: ignore[arg-type]
     else:
         raise SystemExit(f"unknown operation {argv[0]!r}")
     return 0
