@@ -261,6 +261,30 @@ def test_leftover_staging_is_removed_and_foreign_destination_refused(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out", "src"]
 
 
+CLI = "import sys; from relaunch import cli; sys.exit(cli.main(sys.argv[1:]))"
+
+
+def reshard_argv(root: Path, dst: Path, step: int, parallel: str) -> list[str]:
+    """``relaunch convert reshard`` of ``root``'s checkpoint step into ``dst``, 2 workers, JSON progress."""
+    return [
+        "convert",
+        "reshard",
+        "--src",
+        str(root / "checkpoint"),
+        "--step",
+        str(step),
+        "--src-strategy",
+        str(root / "strategy"),
+        "--dst",
+        str(dst),
+        "--dst-parallel",
+        parallel,
+        "--workers",
+        "2",
+        "--json",
+    ]
+
+
 def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the path of every fsync this process makes (conversions run in-process with workers=1)."""
     synced: list[str] = []
@@ -329,26 +353,9 @@ def test_conversions_into_one_destination_take_turns(tmp_path: Path) -> None:
     layouts = {n: {0: Layout((2, 2), (0, -1), 2, 2)} for n in tensors}
     model = Model(tensors, layouts, 1, 4)
     write_shards(model, str(tmp_path / "src"))
-    argv = [
-        "convert",
-        "reshard",
-        "--src",
-        str(tmp_path / "src" / "checkpoint"),
-        "--step",
-        "10",
-        "--src-strategy",
-        str(tmp_path / "src" / "strategy"),
-        "--dst",
-        str(tmp_path / "out"),
-        "--dst-parallel",
-        "dp=1,mp=2",
-        "--workers",
-        "2",
-        "--json",
-    ]
-    code = "import sys; from relaunch import cli; sys.exit(cli.main(sys.argv[1:]))"
+    argv = reshard_argv(tmp_path / "src", tmp_path / "out", 10, "dp=1,mp=2")
     runs = [
-        subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", CLI, *argv], stdout=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
     done = [json.loads(run.communicate()[0].splitlines()[-1]) for run in runs]
@@ -453,23 +460,7 @@ def test_cli_reshard_prints_json_progress_and_done(
 ) -> None:
     model = random_model(8, (2, 2), 1)
     write_shards(model, str(tmp_path / "src"), epoch=2, step=30)
-    argv = [
-        "convert",
-        "reshard",
-        "--src",
-        str(tmp_path / "src" / "checkpoint"),
-        "--step",
-        "30",
-        "--src-strategy",
-        str(tmp_path / "src" / "strategy"),
-        "--dst",
-        str(tmp_path / "r"),
-        "--dst-parallel",
-        "dp=1,mp=2",
-        "--workers",
-        "2",
-        "--json",
-    ]
+    argv = reshard_argv(tmp_path / "src", tmp_path / "r", 30, "dp=1,mp=2")
     assert cli.main(argv) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0]["event"] == "progress" and lines[-1]["event"] == "done"
@@ -507,28 +498,11 @@ def test_killed_conversion_is_never_mistaken_for_a_finished_one(tmp_path: Path) 
     write_shards(model, str(tmp_path / "src"))
     before = snapshot(str(tmp_path / "src"))
     dst = tmp_path / "out"
-    argv = [
-        "convert",
-        "reshard",
-        "--src",
-        str(tmp_path / "src" / "checkpoint"),
-        "--step",
-        "10",
-        "--src-strategy",
-        str(tmp_path / "src" / "strategy"),
-        "--dst",
-        str(dst),
-        "--dst-parallel",
-        "dp=2,mp=2",
-        "--workers",
-        "2",
-        "--json",
-    ]
-    code = "import sys; from relaunch import cli; sys.exit(cli.main(sys.argv[1:]))"
+    argv = reshard_argv(tmp_path / "src", dst, 10, "dp=2,mp=2")
     rng = random.Random(1)
     mid_conversion_kills = 0
     for _ in range(8):
-        process = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen([sys.executable, "-c", CLI, *argv], stdout=subprocess.PIPE, text=True)
         assert process.stdout is not None
         first = json.loads(process.stdout.readline())  # staging exists, workers start
         for _ in range(rng.randrange(first["total"])):  # a random point of the copy or verify phase

@@ -1057,7 +1057,7 @@ def _publish(staging: str, dst_dir: str, marker: dict[str, Any], *, durable: boo
 
     Without ``durable`` the order is the same (a killed process never leaves a result that looks
     finished), but nothing is flushed, so only a crash of the whole machine can lose the data; the
-    marker then says ``durable: false`` with the boot id (see :func:`_convert_locked`), and
+    marker then says ``durable: false`` with the boot id (see :func:`_convert`), and
     :func:`is_complete` trusts it on this machine until it reboots.
     """
     if durable:
@@ -1105,66 +1105,43 @@ def _convert(
     started = time.monotonic()
     dst_dir = os.path.abspath(dst_dir)
     with _exclusive(dst_dir):
-        return _convert_locked(
-            operation,
-            dst_dir,
-            request,
-            build,
-            workers=workers,
-            progress=progress,
-            durable=durable,
-            started=started,
-        )
-
-
-def _convert_locked(
-    operation: str,
-    dst_dir: str,
-    request: str,
-    build: Callable[[str], tuple[list[OutputFile], dict[str, Any], dict[str, str]]],
-    *,
-    workers: int,
-    progress: Progress | None,
-    durable: bool,
-    started: float,
-) -> ConversionResult:
-    marker = _prepare_dst(dst_dir, request)
-    if marker is not None:
-        return ConversionResult(dst_dir, marker, True, 0, time.monotonic() - started)
-    staging = f"{dst_dir}.staging-{secrets.token_hex(4)}"
-    os.makedirs(staging)
-    try:
-        outputs, marker_extra, extra_files = build(staging)
-        files, nbytes = execute(outputs, staging, workers=workers, progress=progress, durable=durable)
-        for relpath, content in extra_files.items():
-            path = os.path.join(staging, relpath)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(content)
-            files[relpath] = _small_file_entry(content.encode())
-        strategy_dir = os.path.join(staging, "strategy")
-        for relpath in os.listdir(strategy_dir) if os.path.isdir(strategy_dir) else []:
-            with open(os.path.join(strategy_dir, relpath), "rb") as handle:
-                files[f"strategy/{relpath}"] = _small_file_entry(handle.read())
-        seconds = time.monotonic() - started
-        marker = {
-            "format": MARKER_FORMAT,
-            "version": MARKER_VERSION,
-            "operation": operation,
-            "request": request,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "seconds": round(seconds, 3),
-            "bytes": nbytes,
-            "checksum": checksum_algorithm(),
-            "files": dict(sorted(files.items())),
-            **marker_extra,
-            **({} if durable else {"durable": False, "boot_id": boot_id()}),
-        }
-        _publish(staging, dst_dir, marker, durable=durable)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return ConversionResult(dst_dir, marker, False, nbytes, time.monotonic() - started)
+        marker = _prepare_dst(dst_dir, request)
+        if marker is not None:
+            return ConversionResult(dst_dir, marker, True, 0, time.monotonic() - started)
+        staging = f"{dst_dir}.staging-{secrets.token_hex(4)}"
+        os.makedirs(staging)
+        try:
+            outputs, marker_extra, extra_files = build(staging)
+            files, nbytes = execute(outputs, staging, workers=workers, progress=progress, durable=durable)
+            for relpath, content in extra_files.items():
+                path = os.path.join(staging, relpath)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(content)
+                files[relpath] = _small_file_entry(content.encode())
+            strategy_dir = os.path.join(staging, "strategy")
+            for relpath in os.listdir(strategy_dir) if os.path.isdir(strategy_dir) else []:
+                with open(os.path.join(strategy_dir, relpath), "rb") as handle:
+                    files[f"strategy/{relpath}"] = _small_file_entry(handle.read())
+            seconds = time.monotonic() - started
+            marker = {
+                "format": MARKER_FORMAT,
+                "version": MARKER_VERSION,
+                "operation": operation,
+                "request": request,
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "seconds": round(seconds, 3),
+                "bytes": nbytes,
+                "checksum": checksum_algorithm(),
+                "files": dict(sorted(files.items())),
+                **marker_extra,
+                **({} if durable else {"durable": False, "boot_id": boot_id()}),
+            }
+            _publish(staging, dst_dir, marker, durable=durable)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return ConversionResult(dst_dir, marker, False, nbytes, time.monotonic() - started)
 
 
 def _source_description(src_files: Mapping[int, str], strategy: StrategySet | None) -> dict[str, Any]:
