@@ -230,12 +230,11 @@ def load_sharded_source(src_files: Mapping[int, str], strategy: StrategySet) -> 
                     f"an earlier rank "
                     f"{tensor.dtype}{list(tensor.shape)}; the checkpoint contradicts the strategy"
                 )
-            key = -1 if layouts is None else stage
+            piece = Piece(path, info.begin, region)
             if layouts is None:
-                tensor.copies[rank] = Piece(path, info.begin, region)
-            per_stage.setdefault(info.name, {}).setdefault(key, {}).setdefault(
-                region, Piece(path, info.begin, region)
-            )
+                tensor.copies[rank] = piece
+            key = -1 if layouts is None else stage
+            per_stage.setdefault(info.name, {}).setdefault(key, {}).setdefault(region, piece)
     for tensor in tensors.values():
         # A parameter shared by several stages (tied embeddings) has a full copy in each; any one
         # stage whose pieces cover the tensor will do.
@@ -885,8 +884,7 @@ def _prepare_dst(dst_dir: str, request: str) -> dict[str, Any] | None:
                 f"{dst_dir} exists and is not a finished conversion (no valid {MARKER_NAME}); expected a "
                 "new or empty destination — remove it or choose another"
             )
-    parent = os.path.dirname(dst_dir) or "."
-    os.makedirs(parent, exist_ok=True)
+    parent = os.path.dirname(dst_dir) or "."  # created by _exclusive
     prefix = os.path.basename(dst_dir) + ".staging-"
     for name in os.listdir(parent):
         if name.startswith(prefix):  # left behind by a killed run: never trust, always redo
