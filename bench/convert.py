@@ -7,7 +7,8 @@ Run from the repository root::
 
 It generates the checkpoint once in a temporary directory (removed at the end; needs about 4x
 the checkpoint size free), then measures in the same run, each in a fresh child process so
-that peak RSS (``ru_maxrss`` of the child and of its worker processes) belongs to that step
+that peak RSS (``VmHWM`` of the child's own address space after ``exec``, and ``ru_maxrss`` of
+its worker processes) belongs to that step
 alone:
 
 - ``cp`` of the shard files, and ``cp`` followed by ``sync`` of the copies;
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -99,8 +101,22 @@ def generate(root: str, gib: float) -> tuple[dict[int, str], int, int]:
     return files, total, largest
 
 
-CHILD = r"""
+# ru_maxrss of a child counts the parent's pages it had between fork and exec; VmHWM does not.
+PEAK_RSS = """
+def peak_rss():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+
+CHILD = (
+    r"""
 import json, resource, sys, time
+"""
+    + PEAK_RSS.replace("{", "{{").replace("}", "}}")
+    + r"""
 sys.path.insert(0, {operator!r})
 from relaunch import convert
 args = json.loads(sys.argv[1])
@@ -118,13 +134,18 @@ else:
                              dst_parallel=args["parallel"], workers=args["workers"], durable=args["durable"])
 seconds = time.perf_counter() - start
 print(json.dumps({{"seconds": seconds, "bytes": result.bytes_written, "cpu": cpu() - cpu0,
-                  "rss_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "rss_main": peak_rss(),
                   "rss_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}}))
 """
+)
 
 
-MINDSPORE_CHILD = r"""
+MINDSPORE_CHILD = (
+    r"""
 import json, resource, sys, time
+"""
+    + PEAK_RSS
+    + r"""
 import mindspore as ms
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
@@ -134,9 +155,10 @@ else:
     ms.transform_checkpoints(args["src"], args["dst"], "ms_rank_", args["strategy"], args["dst_strategy"],
                              process_num=args["workers"], output_format="safetensors")
 print(json.dumps({"seconds": time.perf_counter() - start,
-                  "rss_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "rss_main": peak_rss(),
                   "rss_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
+)
 
 
 def run_mindspore(python: str, payload: dict[str, object]) -> dict[str, float]:
@@ -169,8 +191,20 @@ def run_child(
     return json.loads(out.strip().splitlines()[-1])
 
 
+def warm(paths: list[str]) -> None:
+    """Read the source files, so that every measured step starts with them in the page cache.
+
+    Some machines reclaim cold page cache in the background (e.g. DAMON-based reclaim in VMs),
+    which would otherwise make a step read part of its input from the disk, and at random.
+    """
+    buffer = bytearray(8 * 1024**2)
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+
+
 def timed_cp(src: str, dst: str, *, sync: bool) -> float:
-    subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     subprocess.run(["cp", "-r", src, dst], check=True)
     if sync:
@@ -183,7 +217,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, default=2.2, help="checkpoint size in GiB (default 2.2)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--repeat", type=int, default=5, help="rounds of measurements (medians reported)")
+    parser.add_argument("--repeat", type=int, default=7, help="rounds of measurements (medians reported)")
     parser.add_argument(
         "--mindspore-python",
         default=os.path.expanduser("~/.cache/relaunch/mindspore-env/bin/python"),
@@ -208,9 +242,10 @@ def main() -> int:
         src = os.path.join(tmp, "checkpoint")
         strategy = os.path.join(tmp, "strategy")
         budget = largest + 256 * 1024**2
-        # Rounds interleave the baselines and the conversions, so that a noisy disk (shared
-        # machines, writeback of the previous step) hits them alike; medians are reported.
-        # Each conversion is held to the copy doing the same durability work (see the docstring).
+        # Rounds interleave the baselines and the conversions, in a new random order each round,
+        # so that a noisy machine (shared disk or CPUs, a neighbour's periodic load) hits them
+        # alike rather than always the same step; medians are reported. Each conversion is held to
+        # the copy doing the same durability work (see the docstring).
         conversions = {  # label: (operation, destination parallel layout, durable, baseline)
             "unify": ("unify", "", True, "cp+sync"),
             "reshard": ("reshard", f"dp={DP // 2},mp={TP},pp=1", True, "cp+sync"),
@@ -221,12 +256,18 @@ def main() -> int:
         cpu: dict[str, list[float]] = {label: [] for label in conversions}
         written: dict[str, int] = {"cp": total, "cp+sync": total}
         peaks: dict[str, tuple[int, int]] = {}
+        order = list(seconds)
+        shuffle = random.Random(0).shuffle
         for _ in range(args.repeat):
-            for label, sync in (("cp", False), ("cp+sync", True)):
-                seconds[label].append(timed_cp(src, os.path.join(tmp, "cp"), sync=sync))
-                shutil.rmtree(os.path.join(tmp, "cp"))
-            for label, (op, parallel, durable, _baseline) in conversions.items():
+            shuffle(order)
+            for label in order:
+                warm(list(files.values()))
                 subprocess.run(["sync"], check=True)
+                if label in ("cp", "cp+sync"):
+                    seconds[label].append(timed_cp(src, os.path.join(tmp, "cp"), sync=label == "cp+sync"))
+                    shutil.rmtree(os.path.join(tmp, "cp"))
+                    continue
+                op, parallel, durable, _baseline = conversions[label]
                 dst = os.path.join(tmp, op)
                 result = run_child(op, files, strategy, dst, args.workers, parallel, durable)
                 seconds[label].append(result["seconds"])
@@ -263,6 +304,7 @@ def main() -> int:
             write_strategy_set(dst_strategy, rescale_strategy(read_strategy_dir(strategy), DP // 2, TP, 1))
             rank0 = os.path.join(strategy, "ckpt_strategy_rank_0.ckpt")
             for op, ours in (("unify", "unify"), ("transform", "reshard")):
+                warm(list(files.values()))
                 subprocess.run(["sync"], check=True)
                 dst = os.path.join(tmp, "ms-" + op)
                 payload = {
