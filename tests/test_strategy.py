@@ -63,10 +63,32 @@ def test_wire_bytes_of_a_minimal_message_are_standard_protobuf() -> None:
     empty_split_and_offset = b"\x1a\x00" + b"\x22\x00"  # MindSpore's reader needs param_split_shape[0]
     layouts = dev + tmap + empty_split_and_offset + b"\x28\x00" + b"\x30\x00" + b"\x38\x00"
     item = b"\x0a\x01p" + b"\x12" + bytes([len(layouts)]) + layouts
-    expected = b"\x08\x00" + b"\x1a" + bytes([len(item)]) + item
+    # the synthetic operator strategy MindSpore's pipeline tools need: node "relaunch:p",
+    # parallel_strategys { stage: 0, parallel_strategy { dim: 1 } }
+    strategys = b"\x08\x00" + b"\x12\x02" + b"\x08\x01"
+    operator = b"\x0a\x0arelaunch:p" + b"\x12" + bytes([len(strategys)]) + strategys
+    expected = b"\x08\x00" + b"\x12" + bytes([len(operator)]) + operator + b"\x1a" + bytes([len(item)]) + item
 
     assert encode_strategy(strategy) == expected
-    assert decode_strategy(expected) == strategy
+    assert decode_strategy(expected) == strategy  # the synthetic item is not kept
+
+
+def test_the_stage_comes_from_the_operator_strategies_not_current_stage(tmp_path: Path) -> None:
+    """MindSpore's files say current_stage 1 (a save counter) on every rank; the stage is in the items."""
+    layouts = {"w": Layout((2, 2), (0, -1))}
+    for rank in range(8):
+        stage = rank // 4
+        data = encode_strategy(
+            Strategy(stage=1, layouts=layouts, items={"Default/MatMul-op3": (stage, ((2, 2),))})
+        )
+        assert decode_strategy(data).stage == stage
+        (tmp_path / f"ckpt_strategy_rank_{rank}.ckpt").write_bytes(data)
+    merged = read_strategy_dir(tmp_path)
+    assert (merged.stages, merged.stage_size, merged.layouts["w"].keys()) == (2, 4, {0, 1})
+    # a file without operator strategies (as this project wrote them before): current_stage is the stage
+    assert decode_strategy(b"\x08\x01").stage == 1
+    # an empty stage keeps its number through a synthetic item
+    assert decode_strategy(encode_strategy(Strategy(stage=3, layouts={}))) == Strategy(stage=3, layouts={})
 
 
 def test_packed_repeated_fields_and_unknown_fields_are_accepted() -> None:

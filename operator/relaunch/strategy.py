@@ -136,14 +136,36 @@ def default_opt_step(dev_matrix: tuple[int, ...], tensor_map: tuple[int, ...], o
 class Strategy:
     """The content of one ``ckpt_strategy_rank_<r>.ckpt``.
 
-    ``items`` keeps the operator strategies (``ParallelStrategyItem``: node name -> (stage,
-    per-input split lists)) only so that a file read and written again is unchanged; conversion
-    never needs them.
+    ``stage`` is the pipeline stage. In a file it is the ``stage`` of the operator strategies
+    (``ParallelStrategyItem``), where MindSpore reads it; the top-level ``current_stage`` is a
+    save counter in MindSpore's files (1 after the first save), so it is only a fallback for
+    files without operator strategies. ``items`` keeps MindSpore's operator strategies (node name
+    -> (stage, per-input split lists)) so that a file read and written again is unchanged;
+    conversion never needs them. A strategy without them is written with one synthetic item per
+    parameter (:data:`SYNTHETIC_ITEM_PREFIX`), because MindSpore's pipeline tools
+    (``merge_pipeline_strategys``, ``transform_checkpoints``) refuse files without any, and take
+    the stage from them; the reader drops those items again.
     """
 
     stage: int
     layouts: dict[str, Layout]
     items: dict[str, tuple[int, tuple[tuple[int, ...], ...]]] = field(default_factory=dict)
+
+
+#: Node-name prefix of the operator strategies written for a strategy that has none of its own.
+SYNTHETIC_ITEM_PREFIX = "relaunch:"
+
+
+def _operator_items(strategy: Strategy) -> dict[str, tuple[int, tuple[tuple[int, ...], ...]]]:
+    """``strategy.items``, or synthetic ones: per parameter, the split of each tensor dimension."""
+    if strategy.items:
+        return strategy.items
+    if not strategy.layouts:
+        return {SYNTHETIC_ITEM_PREFIX + "stage": (strategy.stage, ())}
+    return {
+        SYNTHETIC_ITEM_PREFIX + name: (strategy.stage, (layout.splits(),))
+        for name, layout in strategy.layouts.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +263,7 @@ def _dims(values: Iterable[int]) -> bytes:
 def encode_strategy(strategy: Strategy) -> bytes:
     """Serialize ``strategy`` as a ``ParallelStrategyMap`` message."""
     out = [_int_field(1, strategy.stage)]
-    for node, (stage, splits) in strategy.items.items():
+    for node, (stage, splits) in _operator_items(strategy).items():
         strategys = _int_field(1, stage) + b"".join(_bytes_field(2, _dims(s)) for s in splits)
         out.append(_bytes_field(2, _bytes_field(1, node.encode()) + _bytes_field(2, strategys)))
     for name, layout in strategy.layouts.items():
@@ -301,7 +323,10 @@ def _decode_strategy(data: bytes) -> Strategy:
             layouts[name] = layout
     if stage is None:
         raise StrategyError("required field current_stage is missing")
-    return Strategy(stage=stage, layouts=layouts, items=items)
+    if items:
+        stage = next(iter(items.values()))[0]  # as MindSpore: the stage of the first operator strategy
+    own = {node: item for node, item in items.items() if not node.startswith(SYNTHETIC_ITEM_PREFIX)}
+    return Strategy(stage=stage, layouts=layouts, items=own)
 
 
 def _decode_layout_item(data: bytes) -> tuple[str, Layout]:
