@@ -7,6 +7,7 @@ Usage (from ``tests/test_convert.py``, never imported by the project's interpret
         PREFIX
     <mindspore-env>/bin/python tests/conv_mindspore.py transform-ckpt SRC_DIR SRC_STRATEGY DST_STRATEGY \
         WORK_DIR
+    <mindspore-env>/bin/python tests/conv_mindspore.py merge STRATEGY_DIR MERGED_FILE
     <mindspore-env>/bin/python tests/conv_mindspore.py parse STRATEGY_FILE
     <mindspore-env>/bin/python tests/conv_mindspore.py slice UNIFIED_DIR STRATEGY_FILE RANKS OUT_DIR
 
@@ -47,7 +48,10 @@ def main(argv: list[str]) -> int:
             }
             for item in message.parallel_layout_item
         }
-        print(json.dumps({"stage": message.current_stage, "layouts": layouts}))
+        # MindSpore takes a file's pipeline stage from its operator strategies
+        # (merge_pipeline_strategys, _transform_checkpoint_by_stage).
+        stages = sorted({item.parallel_strategys.stage for item in message.parallel_strategy_item})
+        print(json.dumps({"stages": stages, "layouts": layouts}))
     elif argv[0] == "slice":
         # What a rank of the destination job loads from unified weights, by MindSpore's own loader
         # arithmetic (_load_tensor, with its optimizer-shard layout expansion): the arbiter when
@@ -94,6 +98,9 @@ def main(argv: list[str]) -> int:
         ms.transform_checkpoints(
             src_dir, dst_dir, prefix, src_strategy, dst_strategy, output_format="safetensors"
         )
+    elif argv[0] == "merge":
+        # MindSpore's merge of a pipeline job's per-rank strategy files into one file.
+        ms.merge_pipeline_strategys(argv[1], argv[2])
     elif argv[0] == "transform-ckpt":
         # The same transformation through MindSpore's .ckpt path: the sharded safetensors are
         # re-saved as .ckpt by MindSpore itself, transformed, and every output rank's tensors are
