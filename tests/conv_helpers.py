@@ -42,14 +42,14 @@ def reference_slice(full: np.ndarray, layout: Layout, rank: int) -> np.ndarray:
     dev = list(layout.dev_matrix)
     coords = list(np.unravel_index(rank, dev)) if dev else []
     part = full
-    for dim, axis in enumerate(layout.tensor_map):
-        if axis == -1:
-            continue
-        index = len(dev) - 1 - axis
-        part = np.split(part, dev[index], axis=dim)[coords[index]]
+    named = [[a for a in (e if isinstance(e, tuple) else (e,)) if a >= 0] for e in layout.tensor_map]
+    for dim, axes in enumerate(named):
+        for axis in axes:  # several axes: split by the first, that piece by the next, ...
+            index = len(dev) - 1 - axis
+            part = np.split(part, dev[index], axis=dim)[coords[index]]
     if layout.opt_shard_size == 0 or layout.opt_shard_step == 0 or full.ndim == 0:
         return part  # MindSpore shards the optimizer only when both size and step are set
-    used = {len(dev) - 1 - a for a in layout.tensor_map if a >= 0}
+    used = {len(dev) - 1 - a for axes in named for a in axes}
     repeated = [i for i, s in enumerate(dev) if i not in used and s > 1]
     want = layout.opt_shard_size if layout.opt_shard_size > 0 else math.prod(dev[i] for i in repeated)
     if want <= 1:

@@ -41,7 +41,13 @@ def main(argv: list[str]) -> int:
         layouts = {
             item.param_name: {
                 "dev_matrix": list(item.parallel_layouts.dev_matrix[0].dim),
-                "tensor_map": list(item.parallel_layouts.tensor_map[0].dim),
+                # MindSpore's own reading (_convert_to_list): per-dimension lists when there are
+                # several TensorMaps (the Layout API), empty ones skipped.
+                "tensor_map": (
+                    [list(m.dim) for m in item.parallel_layouts.tensor_map if list(m.dim)]
+                    if len(item.parallel_layouts.tensor_map) > 1
+                    else list(item.parallel_layouts.tensor_map[0].dim)
+                ),
                 "param_split_shape": list(item.parallel_layouts.param_split_shape[0].dim),
                 "opt_shard_size": item.parallel_layouts.opt_weight_shard_size,
                 "opt_shard_step": item.parallel_layouts.opt_weight_shard_step,

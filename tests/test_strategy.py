@@ -277,6 +277,33 @@ def test_per_dimension_tensor_maps_and_merged_pipeline_names_are_understood() ->
     }
 
 
+def test_a_dimension_split_by_several_axes_is_sliced_row_major_and_round_trips() -> None:
+    # MindSpore's Layout(("dp", "mp"), "None") on device matrix [dp=2, mp=4]: dimension 0 is cut
+    # into 8 pieces, rank (dp, mp) holding piece dp * 4 + mp (checked against MindSpore's
+    # unified_safetensors); a later mp-split of dimension 1 is then impossible (axis used twice).
+    layout = Layout((2, 4), ((1, 0), -1), 0, 0)
+    assert layout.splits() == (8, 1) and layout.repeated_size() == 1
+    assert [rank_slices(layout, (16, 3), r)[0] for r in (0, 1, 4, 7)] == [
+        slice(0, 2),
+        slice(2, 4),
+        slice(8, 10),
+        slice(14, 16),
+    ]
+    swapped = Layout((2, 4), ((0, 1), -1))
+    assert rank_slices(swapped, (16, 3), 1)[0] == slice(4, 6)  # mp 1, dp 0: piece 1 * 2 + 0
+    # optimizer sharding over the axis a nested entry leaves free
+    partial = Layout((2, 4, 2), (-1, (2, 0)), -1, 4)
+    assert partial.opt_groups() == ((1, 4),) and rank_slices(partial, (8, 4), 6) == (slice(6, 8), slice(0, 1))
+    strategy = Strategy(
+        0, {"w": layout, "v": partial, "plain": Layout((2, 4), (0, -1)), "1-d": Layout((2, 4), ((0, 1),))}
+    )
+    assert decode_strategy(encode_strategy(strategy)) == strategy
+    with pytest.raises(StrategyError, match=r"'w'.*uses a device axis twice"):
+        check_layout("w", Layout((2, 4), ((1, 0), 0)), (16, 8))
+    with pytest.raises(StrategyError, match=r"'w'.*not divisible by its 8-way split"):
+        check_layout("w", layout, (12, 3))
+
+
 def test_optimizer_sharding_needs_both_size_and_step_like_mindspore() -> None:
     assert rank_slices(Layout((4, 2), (0, -1), 4, 0), (16, 4), 7) == (slice(8, 16), slice(0, 4))
     assert default_opt_step((4, 2), (0, -1), 4) == 2

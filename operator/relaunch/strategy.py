@@ -58,12 +58,24 @@ class StrategyError(ValueError):
     """A strategy file is malformed, or a layout contradicts a checkpoint; the message says which."""
 
 
+#: One tensor dimension's entry of a tensor map: a device axis (counted from the right), ``-1``
+#: (not split), or several axes (MindSpore's ``Layout`` API, e.g. ``("dp", "mp")``), outermost first.
+TensorMapEntry = int | tuple[int, ...]
+
+
+def _entry_axes(entry: TensorMapEntry) -> tuple[int, ...]:
+    """The device axes (counted from the right) that split one tensor dimension."""
+    if isinstance(entry, tuple):
+        return tuple(axis for axis in entry if axis >= 0)
+    return (entry,) if entry >= 0 else ()
+
+
 @dataclass(frozen=True)
 class Layout:
     """One parameter's layout in one pipeline stage."""
 
     dev_matrix: tuple[int, ...]
-    tensor_map: tuple[int, ...]
+    tensor_map: tuple[TensorMapEntry, ...]
     opt_shard_size: int = 0
     opt_shard_step: int = 0
     field: int = 0
@@ -72,11 +84,18 @@ class Layout:
     def device_count(self) -> int:
         return math.prod(self.dev_matrix)
 
+    def dim_axes(self) -> tuple[tuple[int, ...], ...]:
+        """Per tensor dimension, the device-matrix indices that split it, most significant first.
+
+        A dimension split by several axes is cut into the product of their sizes, and a rank's
+        piece is the row-major index of its coordinates on those axes (as MindSpore slices).
+        """
+        last = len(self.dev_matrix) - 1
+        return tuple(tuple(last - axis for axis in _entry_axes(entry)) for entry in self.tensor_map)
+
     def splits(self) -> tuple[int, ...]:
         """How many model-parallel pieces each tensor dimension is cut into."""
-        return tuple(
-            1 if axis < 0 else self.dev_matrix[len(self.dev_matrix) - 1 - axis] for axis in self.tensor_map
-        )
+        return tuple(math.prod(self.dev_matrix[i] for i in axes) for axes in self.dim_axes())
 
     def opt_groups(self) -> tuple[tuple[int, int], ...]:
         """The optimizer-shard (sub-)axes: ``(device-matrix index, factor)`` pairs, outermost first.
@@ -85,7 +104,7 @@ class Layout:
         """
         if self.opt_shard_size == 0 or self.opt_shard_step == 0:
             return ()  # MindSpore shards only when both are set
-        used = {len(self.dev_matrix) - 1 - axis for axis in self.tensor_map if axis >= 0}
+        used = {index for axes in self.dim_axes() for index in axes}
         repeated = [i for i, size in enumerate(self.dev_matrix) if i not in used and size > 1]
         remaining = (
             self.opt_shard_size
@@ -120,7 +139,9 @@ class Layout:
         return self.device_count // math.prod(self.splits())
 
 
-def default_opt_step(dev_matrix: tuple[int, ...], tensor_map: tuple[int, ...], opt_shard_size: int) -> int:
+def default_opt_step(
+    dev_matrix: tuple[int, ...], tensor_map: tuple[TensorMapEntry, ...], opt_shard_size: int
+) -> int:
     """The ``opt_shard_step`` MindSpore records: the rank stride inside an optimizer-shard group.
 
     That is the product of the device-matrix axes right of the innermost axis the group spans
@@ -269,9 +290,19 @@ def encode_strategy(strategy: Strategy) -> bytes:
     for name, layout in strategy.layouts.items():
         # MindSpore's reader indexes param_split_shape[0] unconditionally; its own writer always
         # emits one (empty for even splits), and one indices_offset, so we do the same.
+        if any(isinstance(entry, tuple) for entry in layout.tensor_map):
+            # MindSpore's Layout API form: one TensorMap per tensor dimension. Readers (MindSpore's
+            # and ours) take a single TensorMap as the flat form and skip empty ones, so a 1-D
+            # tensor gets an empty second one to stay per-dimension.
+            tensor_maps = b"".join(
+                _bytes_field(2, _dims(entry if isinstance(entry, tuple) else (entry,)))
+                for entry in layout.tensor_map
+            ) + (_bytes_field(2, b"") if len(layout.tensor_map) == 1 else b"")
+        else:
+            tensor_maps = _bytes_field(2, _dims(e for e in layout.tensor_map if isinstance(e, int)))
         layouts = (
             _bytes_field(1, _dims(layout.dev_matrix))
-            + _bytes_field(2, _dims(layout.tensor_map))
+            + tensor_maps
             + _bytes_field(3, b"")
             + _bytes_field(4, b"")
             + _int_field(5, layout.field)
@@ -360,17 +391,11 @@ def _decode_layout_item(data: bytes) -> tuple[str, Layout]:
             scalars[number] = _signed(value)
     if not dev_matrices or not tensor_maps:
         raise StrategyError(f"parameter {name!r}: layout without dev_matrix or tensor_map")
-    tensor_map = tensor_maps[0]
+    tensor_map: tuple[TensorMapEntry, ...] = tensor_maps[0]
     if len(tensor_maps) > 1:
         # The Layout API writes one TensorMap per tensor dimension (empty ones are dropped, as
-        # MindSpore does); a dimension split by several device axes at once is not supported.
-        per_dim = [m for m in tensor_maps if m]
-        if any(len(m) != 1 for m in per_dim):
-            raise StrategyError(
-                f"parameter {name!r}: tensor map {[list(m) for m in per_dim]} splits one dimension by "
-                "several device axes; such layouts are not supported"
-            )
-        tensor_map = tuple(m[0] for m in per_dim)
+        # MindSpore does); a dimension split by several device axes lists them, outermost first.
+        tensor_map = tuple(m[0] if len(m) == 1 else m for m in tensor_maps if m)
     # MindSpore reads only the first device matrix as well.
     return name, Layout(
         dev_matrix=dev_matrices[0],
@@ -421,12 +446,17 @@ def check_layout(name: str, layout: Layout, shape: tuple[int, ...]) -> None:
             f"parameter {name!r}: tensor map {list(layout.tensor_map)} has {len(layout.tensor_map)} dims, "
             f"the tensor {list(shape)} has {len(shape)}"
         )
-    for axis in layout.tensor_map:
-        if axis >= len(layout.dev_matrix) or axis < -1:
-            raise StrategyError(
-                f"parameter {name!r}: tensor map {list(layout.tensor_map)} names an axis outside device "
-                f"matrix {list(layout.dev_matrix)}"
-            )
+    axes = [axis for entry in layout.tensor_map for axis in (entry if isinstance(entry, tuple) else (entry,))]
+    if any(axis >= len(layout.dev_matrix) or axis < -1 for axis in axes):
+        raise StrategyError(
+            f"parameter {name!r}: tensor map {list(layout.tensor_map)} names an axis outside device "
+            f"matrix {list(layout.dev_matrix)}"
+        )
+    used = [axis for axis in axes if axis >= 0]
+    if len(used) != len(set(used)):
+        raise StrategyError(
+            f"parameter {name!r}: tensor map {list(layout.tensor_map)} uses a device axis twice"
+        )
     for dim, (size, split) in enumerate(zip(shape, layout.splits(), strict=True)):
         if size % split:
             raise StrategyError(
@@ -462,13 +492,13 @@ def rank_slices(layout: Layout, full_shape: Iterable[int], rank_in_stage: int) -
         raise StrategyError(f"rank {rank_in_stage} is outside device matrix {list(layout.dev_matrix)}")
     coords = _coordinates(rank_in_stage, layout.dev_matrix)
     out: list[slice] = []
-    for size, axis in zip(shape, layout.tensor_map, strict=True):
-        if axis < 0:
-            out.append(slice(0, size))
-            continue
-        index = len(layout.dev_matrix) - 1 - axis
-        step = size // layout.dev_matrix[index]
-        out.append(slice(coords[index] * step, (coords[index] + 1) * step))
+    for size, axes in zip(shape, layout.dim_axes(), strict=True):
+        piece, count = 0, 1
+        for index in axes:  # row-major over the axes, the first one most significant
+            piece = piece * layout.dev_matrix[index] + coords[index]
+            count *= layout.dev_matrix[index]
+        step = size // count
+        out.append(slice(piece * step, (piece + 1) * step))
     groups = layout.opt_groups()
     if groups and out:
         position = 0
