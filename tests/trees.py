@@ -18,6 +18,8 @@ import numpy as np
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
+from relaunch.protowire import bytes_field, int_field
+
 _NP_TO_MS = {
     np.dtype("float32"): "Float32",
     np.dtype("float16"): "Float16",
@@ -68,22 +70,6 @@ def write_safetensors(
 # ---- .ckpt: protobuf by hand ---------------------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def ms_dtype(array: np.ndarray) -> str:
     """MindSpore's name for an array's dtype, as ``.ckpt`` files record it."""
     return _NP_TO_MS[array.dtype]
@@ -91,10 +77,10 @@ def ms_dtype(array: np.ndarray) -> str:
 
 def ckpt_message(tag: str, dims: Iterable[int], tensor_type: str, content: bytes) -> bytes:
     """One serialized ``Checkpoint`` holding one ``Value``."""
-    tensor = b"".join(_varint(1 << 3 | 0) + _varint(d) for d in dims)
-    tensor += _field(2, tensor_type.encode()) + _field(3, content)
-    value = _field(1, tag.encode()) + _field(2, tensor)
-    return _field(1, value)
+    tensor = b"".join(int_field(1, d) for d in dims)
+    tensor += bytes_field(2, tensor_type.encode()) + bytes_field(3, content)
+    value = bytes_field(1, tag.encode()) + bytes_field(2, tensor)
+    return bytes_field(1, value)
 
 
 def write_ckpt(

@@ -1,5 +1,5 @@
-"""The protobuf wire format's varint, shared by the two hand-written decoders: MindSpore
-``.ckpt`` streams (``checkpoints``) and strategy files (``strategy``)."""
+"""The protobuf wire format's varint and fields, shared by the hand-written codecs: MindSpore
+``.ckpt`` streams (``checkpoints``, read only) and strategy files (``strategy``, read and written)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,28 @@ def read_varint(data: ByteSource, pos: int, end: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise WireError(f"malformed varint at byte {pos} (longer than 10 bytes)")
+
+
+def encode_varint(value: int) -> bytes:
+    """``value`` as a varint; negative (int32/int64) values are sign-extended to 10 bytes."""
+    if value < 0:
+        value += 1 << 64
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def int_field(number: int, value: int) -> bytes:
+    """A varint field (wire type 0)."""
+    return encode_varint(number << 3) + encode_varint(value)
+
+
+def bytes_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2): a string, bytes or a nested message."""
+    return encode_varint(number << 3 | 2) + encode_varint(len(payload)) + payload

@@ -50,6 +50,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from relaunch.protowire import WireError, read_varint
+from relaunch.protowire import bytes_field as _bytes_field
+from relaunch.protowire import int_field as _int_field
 
 STRATEGY_FILE_RE = re.compile(r"^ckpt_strategy_rank_(\d+)\.ckpt$")
 
@@ -248,32 +250,6 @@ def _repeated_ints(data: bytes, number: int) -> tuple[int, ...]:
                 item, pos = _read_varint(value, pos)
                 out.append(_signed(item))
     return tuple(out)
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64  # int32/int64 negatives are sign-extended to 10 bytes
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _key(number: int, wire: int) -> bytes:
-    return _varint(number << 3 | wire)
-
-
-def _bytes_field(number: int, payload: bytes) -> bytes:
-    return _key(number, 2) + _varint(len(payload)) + payload
-
-
-def _int_field(number: int, value: int) -> bytes:
-    return _key(number, 0) + _varint(value)
 
 
 def _dims(values: Iterable[int]) -> bytes:
