@@ -368,6 +368,18 @@ def test_conversions_into_one_destination_take_turns(tmp_path: Path) -> None:
     assert is_complete(tmp_path / "out") is not None
     assert_rank_files(same_as(model, (1, 2)), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging, no lock file
+    # one that has to wait says so, then proceeds when the destination is free
+    with convert._exclusive(str(tmp_path / "again")):
+        waiting = subprocess.Popen(
+            [sys.executable, "-c", CLI, *reshard_argv(tmp_path / "src", tmp_path / "again", 10, "dp=1,mp=2")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert waiting.stdout is not None
+        assert json.loads(waiting.stdout.readline())["event"] == "waiting"
+        assert waiting.poll() is None and not (tmp_path / "again").exists()
+    assert json.loads(waiting.communicate()[0].splitlines()[-1])["event"] == "done"
+    assert waiting.returncode == 0 and is_complete(tmp_path / "again") is not None
 
 
 def _distinct_global_steps(files: dict[int, str]) -> None:
@@ -566,6 +578,8 @@ def test_progress_bar_on_a_terminal_goes_to_stderr(capsys: pytest.CaptureFixture
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "[##############################] 100.0% 2/2" in captured.err
+    printer({"event": "waiting", "message": "another conversion into /x is running"})
+    assert capsys.readouterr().err == "another conversion into /x is running\n"
 
 
 @pytest.mark.parametrize("fast_hash", [True, False])

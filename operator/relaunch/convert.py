@@ -893,13 +893,14 @@ def _prepare_dst(dst_dir: str, request: str) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def _exclusive(dst_dir: str) -> Iterator[None]:
+def _exclusive(dst_dir: str, progress: Progress | None = None) -> Iterator[None]:
     """Hold an exclusive lock on converting into ``dst_dir``: a ``flock`` on a file beside it.
 
     A second conversion into the same destination waits, then finds the first one's result; it
     never removes a staging directory that is still being written. The lock goes with the process
     (and its workers), so a killed conversion never leaves it held. The holder removes the lock
-    file when done; a waiter that then holds the lock on a removed file tries again.
+    file when done; a waiter that then holds the lock on a removed file tries again. A wait is
+    announced once through ``progress`` (``{"event": "waiting", "message": ...}``).
     """
     parent = os.path.dirname(dst_dir) or "."
     os.makedirs(parent, exist_ok=True)
@@ -907,7 +908,18 @@ def _exclusive(dst_dir: str) -> Iterator[None]:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if progress is not None:
+                    progress(
+                        {
+                            "event": "waiting",
+                            "message": f"another conversion into {dst_dir} is running (lock {path}); waiting",
+                        }
+                    )
+                    progress = None
+                fcntl.flock(fd, fcntl.LOCK_EX)
             held = os.fstat(fd)
             current = os.stat(path)
         except FileNotFoundError:
@@ -1102,7 +1114,7 @@ def _convert(
 ) -> ConversionResult:
     started = time.monotonic()
     dst_dir = os.path.abspath(dst_dir)
-    with _exclusive(dst_dir):
+    with _exclusive(dst_dir, progress):
         marker = _prepare_dst(dst_dir, request)
         if marker is not None:
             return ConversionResult(dst_dir, marker, True, 0, time.monotonic() - started)

@@ -2,7 +2,9 @@
 
 Owns argument parsing, picking the source files of one step out of a checkpoint root
 (``--name-pattern`` or ``--step``), and progress output: a bar on a terminal, JSON lines
-(``{"event": "progress", ...}`` then one ``{"event": "done", ...}``) otherwise or with ``--json``.
+(``{"event": "progress", ...}`` then one ``{"event": "done", ...}``) otherwise or with ``--json``;
+``{"event": "waiting", "message": ...}`` first when another conversion into the same destination
+is running (it waits for that one, then usually finds the result done).
 
 The operator's conversion Job runs ``relaunch convert unify|reshard --conversion RECORD
 --termination-log PATH``: ``RECORD`` is the JSON of a plan's ``conversion`` field (``source``
@@ -139,6 +141,9 @@ class ProgressPrinter:
     def __call__(self, event: dict[str, Any]) -> None:
         if self.as_json:
             print(json.dumps(event), flush=True)
+            return
+        if event["event"] != "progress":
+            sys.stderr.write(f"{event['message']}\n")
             return
         now = time.monotonic()
         if now - self._last < 0.1 and event["done"] < event["total"]:
