@@ -65,11 +65,14 @@ class StrategyError(ValueError):
 TensorMapEntry = int | tuple[int, ...]
 
 
+def _entry_tuple(entry: TensorMapEntry) -> tuple[int, ...]:
+    """Every value one tensor dimension's entry names, ``-1`` included, as a tuple."""
+    return entry if isinstance(entry, tuple) else (entry,)
+
+
 def _entry_axes(entry: TensorMapEntry) -> tuple[int, ...]:
     """The device axes (counted from the right) that split one tensor dimension."""
-    if isinstance(entry, tuple):
-        return tuple(axis for axis in entry if axis >= 0)
-    return (entry,) if entry >= 0 else ()
+    return tuple(axis for axis in _entry_tuple(entry) if axis >= 0)
 
 
 @dataclass(frozen=True)
@@ -271,8 +274,7 @@ def encode_strategy(strategy: Strategy) -> bytes:
             # and ours) take a single TensorMap as the flat form and skip empty ones, so a 1-D
             # tensor gets an empty second one to stay per-dimension.
             tensor_maps = b"".join(
-                _bytes_field(2, _dims(entry if isinstance(entry, tuple) else (entry,)))
-                for entry in layout.tensor_map
+                _bytes_field(2, _dims(_entry_tuple(entry))) for entry in layout.tensor_map
             ) + (_bytes_field(2, b"") if len(layout.tensor_map) == 1 else b"")
         else:
             tensor_maps = _bytes_field(2, _dims(e for e in layout.tensor_map if isinstance(e, int)))
@@ -422,7 +424,7 @@ def check_layout(name: str, layout: Layout, shape: tuple[int, ...]) -> None:
             f"parameter {name!r}: tensor map {list(layout.tensor_map)} has {len(layout.tensor_map)} dims, "
             f"the tensor {list(shape)} has {len(shape)}"
         )
-    axes = [axis for entry in layout.tensor_map for axis in (entry if isinstance(entry, tuple) else (entry,))]
+    axes = [axis for entry in layout.tensor_map for axis in _entry_tuple(entry)]
     if any(axis >= len(layout.dev_matrix) or axis < -1 for axis in axes):
         raise StrategyError(
             f"parameter {name!r}: tensor map {list(layout.tensor_map)} names an axis outside device "
