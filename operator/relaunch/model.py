@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,12 +49,32 @@ class CheckpointSpec:
 
 
 @dataclass(frozen=True)
+class Deadlines:
+    """How long each recovery stage may wait before the status says it is stuck (and what then
+    happens: see :mod:`relaunch.controller.reconcile`)."""
+
+    stopping_seconds: int = 300
+    planning_seconds: int = 600
+    converting_seconds: int = 3600
+    starting_seconds: int = 600
+
+    def for_stage(self, stage: str) -> int | None:
+        return {
+            "Stopping": self.stopping_seconds,
+            "Planning": self.planning_seconds,
+            "Converting": self.converting_seconds,
+            "Starting": self.starting_seconds,
+        }.get(stage)
+
+
+@dataclass(frozen=True)
 class RecoverySpec:
     max_restarts: int = 10
     backoff_initial_seconds: int = 10
     backoff_max_seconds: int = 300
     node_loss_grace_seconds: int = 30
     permanent_exit_codes: frozenset[int] = frozenset({2})
+    deadlines: Deadlines = field(default_factory=Deadlines)
 
     def backoff_seconds(self, restart_number: int) -> float:
         """Delay before the ``restart_number``-th restart (1-based): initial x 2^(n-1), capped."""
@@ -69,6 +90,24 @@ class ElasticSpec:
     valid_sizes: tuple[int, ...] = ()
 
 
+#: Resources of the planning and conversion pods unless spec.helpers says otherwise. Requests
+#: only where a limit could cut a legitimate run short: a conversion holds the largest tensor
+#: in memory, and no default knows the largest tensor of a model.
+DEFAULT_PLANNING_RESOURCES: Mapping[str, Any] = {
+    "requests": {"cpu": "100m", "memory": "256Mi"},
+    "limits": {"memory": "1Gi"},
+}
+DEFAULT_CONVERSION_RESOURCES: Mapping[str, Any] = {"requests": {"cpu": "1", "memory": "1Gi"}}
+
+
+@dataclass(frozen=True)
+class HelperSpec:
+    """The planning and conversion pods' resources (a container's ``resources``)."""
+
+    planning_resources: Mapping[str, Any] = field(default_factory=lambda: DEFAULT_PLANNING_RESOURCES)
+    conversion_resources: Mapping[str, Any] = field(default_factory=lambda: DEFAULT_CONVERSION_RESOURCES)
+
+
 @dataclass(frozen=True)
 class TrainingJobSpec:
     replicas: int
@@ -79,6 +118,7 @@ class TrainingJobSpec:
     elastic: ElasticSpec | None = None
     recovery: RecoverySpec = field(default_factory=RecoverySpec)
     image: str | None = None
+    helpers: HelperSpec = field(default_factory=HelperSpec)
 
     @property
     def world_size(self) -> int:
@@ -104,6 +144,28 @@ class TrainingJobSpec:
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+#: What a TrainingJob's name must be: it names the headless Service (a DNS-1035 label) and,
+#: with ``-<attempt>-<index>`` appended, every worker's hostname (a DNS label of at most 63).
+NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME_LENGTH = 40
+
+
+def check_name(name: str) -> None:
+    """Raise :class:`SpecError` for a name the objects derived from it cannot carry (the CRD
+    refuses such names at apply time; this catches jobs created under an older CRD)."""
+    if not NAME_PATTERN.match(name or ""):
+        raise SpecError(
+            f"metadata.name {name!r} cannot name the job's Service and worker hostnames: it must be "
+            "lowercase letters, digits and '-', start with a letter and end with a letter or digit "
+            "(no dots)"
+        )
+    if len(name) > MAX_NAME_LENGTH:
+        raise SpecError(
+            f"metadata.name {name!r} is {len(name)} characters; at most {MAX_NAME_LENGTH} leave room for "
+            "the attempt and index suffixes of worker hostnames (63 at most)"
+        )
 
 
 def _int(value: Any, path: str, *, minimum: int | None = None) -> int:
@@ -171,6 +233,19 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
 
     rec = _map(spec.get("recovery"), "spec.recovery")
     backoff = _map(rec.get("backoff"), "spec.recovery.backoff")
+    dl = _map(rec.get("deadlines"), "spec.recovery.deadlines")
+    defaults = Deadlines()
+    deadlines = Deadlines(
+        **{
+            attr: _int(dl.get(key, getattr(defaults, attr)), f"spec.recovery.deadlines.{key}", minimum=1)
+            for attr, key in (
+                ("stopping_seconds", "stoppingSeconds"),
+                ("planning_seconds", "planningSeconds"),
+                ("converting_seconds", "convertingSeconds"),
+                ("starting_seconds", "startingSeconds"),
+            )
+        }
+    )
     recovery = RecoverySpec(
         max_restarts=_int(rec.get("maxRestarts", 10), "spec.recovery.maxRestarts", minimum=0),
         backoff_initial_seconds=_int(
@@ -184,6 +259,26 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
         ),
         permanent_exit_codes=frozenset(
             _int(c, "spec.recovery.permanentExitCodes[]") for c in rec.get("permanentExitCodes", [2])
+        ),
+        deadlines=deadlines,
+    )
+    if recovery.backoff_initial_seconds > recovery.backoff_max_seconds:
+        raise SpecError(
+            f"spec.recovery.backoff.initialSeconds ({recovery.backoff_initial_seconds}) must be <= "
+            f"spec.recovery.backoff.maxSeconds ({recovery.backoff_max_seconds})"
+        )
+
+    hl = _map(spec.get("helpers"), "spec.helpers")
+    helpers = HelperSpec(
+        planning_resources=_map(
+            _map(hl.get("planning"), "spec.helpers.planning").get("resources", DEFAULT_PLANNING_RESOURCES),
+            "spec.helpers.planning.resources",
+        ),
+        conversion_resources=_map(
+            _map(hl.get("conversion"), "spec.helpers.conversion").get(
+                "resources", DEFAULT_CONVERSION_RESOURCES
+            ),
+            "spec.helpers.conversion.resources",
         ),
     )
 
@@ -215,4 +310,5 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
         elastic=elastic,
         recovery=recovery,
         image=image if isinstance(image, str) and image else None,
+        helpers=helpers,
     )

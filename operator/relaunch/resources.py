@@ -62,12 +62,12 @@ def config_map_name(job: str, attempt: int) -> str:
     return f"{job}-config-{attempt}"
 
 
-def plan_job_name(job: str, attempt: int) -> str:
-    return f"{job}-plan-{attempt}"
+def plan_job_name(job: str, attempt: int, try_: int = 1) -> str:
+    return f"{job}-plan-{attempt}" + (f"-{try_}" if try_ > 1 else "")
 
 
-def convert_job_name(job: str, attempt: int) -> str:
-    return f"{job}-convert-{attempt}"
+def convert_job_name(job: str, attempt: int, try_: int = 1) -> str:
+    return f"{job}-convert-{attempt}" + (f"-{try_}" if try_ > 1 else "")
 
 
 def job_labels(job: str) -> dict[str, str]:
@@ -257,6 +257,15 @@ _HELPER_POD_FIELDS = (
 )
 
 
+#: A helper pod that the cluster disrupts (an eviction, a preemption, a node drained or lost:
+#: the pod gets the DisruptionTarget condition) is replaced by the Job controller without
+#: failing the Job; any other failure fails the Job at once (backoffLimit 0), and the operator
+#: decides whether another try can help (see reconcile's helper stages).
+HELPER_POD_FAILURE_POLICY = {
+    "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+}
+
+
 def _helper_job(
     ref: JobRef,
     spec: TrainingJobSpec,
@@ -265,7 +274,12 @@ def _helper_job(
     attempt: int,
     command: Sequence[str],
     avoid_nodes: Sequence[str],
+    resources: Mapping[str, Any],
+    deadline_seconds: int,
 ) -> dict[str, Any]:
+    """A planning or conversion Job. Its deadline is the pod's ``activeDeadlineSeconds``, which
+    counts from the pod's start on a node: a pod that waits to be scheduled is not killed for it
+    (the operator reports why it waits instead), one that hangs while running is."""
     tpl_spec: Mapping[str, Any] = spec.template.get("spec") or {}
     first = (tpl_spec.get("containers") or [{}])[0]
     labels = {LABEL_ROLE: role, LABEL_ATTEMPT: str(attempt)}
@@ -282,9 +296,11 @@ def _helper_job(
                     "volumeMounts": copy.deepcopy(first.get("volumeMounts") or []),
                     "terminationMessagePath": TERMINATION_LOG,
                     "terminationMessagePolicy": "File",
+                    "resources": copy.deepcopy(dict(resources)),
                 }
             ],
             "volumes": copy.deepcopy(tpl_spec.get("volumes") or []),
+            "activeDeadlineSeconds": deadline_seconds,
         }
     )
     if avoid_nodes:
@@ -295,6 +311,7 @@ def _helper_job(
         "metadata": _metadata(ref, name, labels),
         "spec": {
             "backoffLimit": 0,
+            "podFailurePolicy": copy.deepcopy(HELPER_POD_FAILURE_POLICY),
             "ttlSecondsAfterFinished": HELPER_JOB_TTL_SECONDS,
             "template": {"metadata": {"labels": {**job_labels(ref.name), **labels}}, "spec": pod_spec},
         },
@@ -308,9 +325,21 @@ def build_plan_job(
     command: Sequence[str],
     *,
     avoid_nodes: Sequence[str] = (),
+    try_: int = 1,
 ) -> dict[str, Any]:
-    """The planning Job of ``attempt``: scans the checkpoint on the job's own volumes."""
-    return _helper_job(ref, spec, plan_job_name(ref.name, attempt), ROLE_PLAN, attempt, command, avoid_nodes)
+    """The planning Job of ``attempt`` (its ``try_``-th): scans the checkpoint on the job's own volumes."""
+    name = plan_job_name(ref.name, attempt, try_)
+    return _helper_job(
+        ref,
+        spec,
+        name,
+        ROLE_PLAN,
+        attempt,
+        command,
+        avoid_nodes,
+        spec.helpers.planning_resources,
+        spec.recovery.deadlines.planning_seconds,
+    )
 
 
 def build_convert_job(
@@ -320,7 +349,18 @@ def build_convert_job(
     command: Sequence[str],
     *,
     avoid_nodes: Sequence[str] = (),
+    try_: int = 1,
 ) -> dict[str, Any]:
-    """The conversion Job of ``attempt``: converts the checkpoint for the new world size."""
-    name = convert_job_name(ref.name, attempt)
-    return _helper_job(ref, spec, name, ROLE_CONVERT, attempt, command, avoid_nodes)
+    """The conversion Job of ``attempt`` (its ``try_``-th): converts the checkpoint for the new world size."""
+    name = convert_job_name(ref.name, attempt, try_)
+    return _helper_job(
+        ref,
+        spec,
+        name,
+        ROLE_CONVERT,
+        attempt,
+        command,
+        avoid_nodes,
+        spec.helpers.conversion_resources,
+        spec.recovery.deadlines.converting_seconds,
+    )
