@@ -27,11 +27,11 @@ KUBE_VERSION = "v1.37.2"
 NAMESPACED_RULES = {
     ("relaunch.dev", "trainingjobs"): {"get", "list", "watch", "patch"},
     ("relaunch.dev", "trainingjobs/status"): {"patch"},
-    ("", "pods"): {"list", "watch", "create", "delete"},
-    ("", "services"): {"create"},
-    ("", "configmaps"): {"get", "create"},
-    ("batch", "jobs"): {"list", "watch", "create"},
-    ("", "events"): {"create"},
+    ("", "pods"): {"get", "list", "watch", "create", "delete"},
+    ("", "services"): {"get", "create", "delete"},
+    ("", "configmaps"): {"get", "create", "delete"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    ("", "events"): {"get", "create", "patch"},
 }
 NODE_RULES = {("", "nodes"): {"list"}}
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"list"}}

@@ -16,7 +16,9 @@ from relaunch import resources
 from relaunch.controller.planning import RelaunchPlanner
 from relaunch.controller.reconcile import (
     Create,
+    DeleteJob,
     DeletePod,
+    ForeignObject,
     HelperJobView,
     NodeView,
     Observed,
@@ -85,6 +87,8 @@ class Sim:
         }
         self.created: list[dict[str, Any]] = []
         self.deleted: list[DeletePod] = []
+        self.deleted_jobs: list[str] = []
+        self.foreign: list[ForeignObject] = []
         self.events: list[Any] = []
         self.now = T0
         self.planner = FakePlanner()
@@ -102,6 +106,7 @@ class Sim:
             jobs=dict(self.jobs),
             nodes=nodes,
             config_text=self.config_text if self.config_text is not None else CONFIG,
+            foreign=tuple(self.foreign),
         )
 
     def step(self, dt: float = 0.1) -> Any:
@@ -135,6 +140,9 @@ class Sim:
                 pod = self.pods.get(action.name)
                 if pod is not None:
                     self.pods[action.name] = PodView(**{**pod.__dict__, "deleting": True})
+            elif isinstance(action, DeleteJob):
+                self.deleted_jobs.append(action.name)
+                self.jobs.pop(action.name, None)
         self.status = result.status
         self.events.extend(result.events)
         return result
@@ -824,8 +832,19 @@ def test_helper_job_view_takes_the_termination_message_of_its_pod() -> None:
     assert view == HelperJobView(
         "demo-plan-2", succeeded=True, failed=False, message='{"action":"fresh"}', exit_code=0
     )
-    failed = helper_job_view({"metadata": {"name": "other"}, "status": {}}, pods)
-    assert failed.failed and not failed.succeeded and failed.message is None
+    # A failed pod alone does not fail the Job: the Job controller replaces a disrupted one
+    # (pod failure policy); the Job's own Failed (or FailureTarget) condition decides.
+    replaced = helper_job_view({"metadata": {"name": "other"}, "status": {}}, pods)
+    assert not replaced.failed and not replaced.succeeded and replaced.message is None
+    for condition in ("Failed", "FailureTarget"):
+        failed = helper_job_view(
+            {
+                "metadata": {"name": "other"},
+                "status": {"conditions": [{"type": condition, "status": "True"}]},
+            },
+            pods,
+        )
+        assert failed.failed and not failed.succeeded and failed.message is None
 
 
 def test_merge_patch_removes_nested_keys_and_replaces_lists() -> None:

@@ -50,14 +50,17 @@ is one the operator's code (relaunch.controller) or kopf makes:
   removing the finalizer that older versions added); the operator reads each one (get) and
   writes its status subresource (merge patch).
 - Pods: the workers, created one per rank, listed by label, watched to notice failures
-  quickly, and deleted (force-deleted on a lost node) to stop a gang.
-- Services: the headless rendezvous Service, created once ("already exists" is fine).
+  quickly, and deleted (force-deleted on a lost node) to stop a gang; read (get) when a create
+  meets "already exists", to tell our own object from a leftover of a deleted namesake.
+- Services: the headless rendezvous Service, created once ("already exists" is fine when it is
+  ours); read and deleted when a namesake's Service is in the way.
 - ConfigMaps: the rendered training config of each attempt (create), and the user's config
-  when spec.config.configMapRef names one (get).
-- Jobs: the planning and conversion Jobs, created, listed by label and watched; finished ones
-  are removed by the TTL controller, not by the operator.
-- Events: created on the TrainingJob for each step of a recovery (kopf and the operator only
-  post core/v1 Events; they never patch them).
+  when spec.config.configMapRef names one (get); a namesake's leftover is deleted.
+- Jobs: the planning and conversion Jobs, created, listed by label and watched; deleted when
+  a try is abandoned (its pod killed, past its deadline, or its node lost) or a namesake left
+  one; finished ones are otherwise removed by the TTL controller.
+- Events: posted on the TrainingJob for each step of a recovery; a repeat of the same Event
+  increments its count (get, patch) instead of posting a copy.
 */}}
 {{- define "relaunch.namespacedRules" -}}
 - apiGroups: ["relaunch.dev"]
@@ -68,19 +71,19 @@ is one the operator's code (relaunch.controller) or kopf makes:
   verbs: ["patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create"]
+  verbs: ["get", "create", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create"]
+  verbs: ["get", "create", "delete"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["get", "create", "patch"]
 {{- end -}}
 
 {{/*

@@ -18,18 +18,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
 
 from relaunch import resources
 from relaunch.controller import metrics
-from relaunch.controller.kube import JobIO, Kube, KubeError, NodeTracker, load_client_config
+from relaunch.controller.events import EventRecorder
+from relaunch.controller.kube import (
+    ActionFailed,
+    ForeignObjectError,
+    JobIO,
+    Kube,
+    KubeError,
+    NodeTracker,
+    load_client_config,
+)
 from relaunch.controller.loops import JobLoop, JobLoops
 from relaunch.controller.planning import RelaunchPlanner
-from relaunch.controller.reconcile import Create, DeletePod, Result, reconcile
-from relaunch.model import GROUP, PLURAL, VERSION, SpecError, parse_spec
+from relaunch.controller.reconcile import ApiProblem, Create, Result, api_problem_status, reconcile
+from relaunch.model import GROUP, PLURAL, VERSION, SpecError, check_name, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,9 @@ log = logging.getLogger(__name__)
 COALESCE_SECONDS = 0.05
 #: Retry delay after an unexpected error in a round (the API server restarting, ...).
 ERROR_RETRY_SECONDS = 3.0
+#: Backoff of rounds whose actions the API server did not carry out (see :func:`retry_delay`).
+API_RETRY_INITIAL_SECONDS = 1.0
+API_RETRY_MAX_SECONDS = 60.0
 #: How long a stopped loop may finish its round before it is cancelled.
 CANCELLATION_SECONDS = 10.0
 #: How often loops whose task ended unexpectedly are restarted (a safety net: any event about
@@ -45,31 +59,66 @@ RESYNC_SECONDS = 30.0
 
 
 async def job_loop(loop: JobLoop) -> None:
-    """One TrainingJob's observe -> reconcile -> apply -> wait loop, until stopped or the job is gone."""
+    """One TrainingJob's observe -> reconcile -> apply -> wait loop, until stopped or the job is gone.
+
+    When the API server does not carry out a round's actions (refused, throttled, a namesake's
+    leftover in the way), the round writes that into the status and the loop retries with
+    exponential backoff and jitter (or after the Retry-After the server asked for); the loop's
+    own status write wakes it, so during a backoff only a new generation of the job (the user
+    changed it) cuts the wait short.
+    """
     assert RUNTIME.kube is not None, "the startup handler creates the API client"
-    io = JobIO(RUNTIME.kube, loop.namespace, loop.name)
+    assert RUNTIME.events is not None, "the startup handler creates the Event recorder"
+    io = JobIO(RUNTIME.kube, loop.namespace, loop.name, loop.uid)
     body = kopf.Body(cast(kopf.RawBody, dict(loop.body)))
     # Warnings and errors reach the TrainingJob's Events too (settings.posting.level).
     logger: logging.Logger | kopf.ObjectLogger = (
         kopf.ObjectLogger(body=body, settings=RUNTIME.settings) if RUNTIME.settings is not None else log
     )
+    failures = 0
     while not loop.stopped.is_set():
         loop.wake.clear()
         delay = ERROR_RETRY_SECONDS
+        started = time.monotonic()
+        generation = loop.generation
         try:
-            result = await asyncio.to_thread(run_round, io, loop.uid)
-            if result is None:
+            outcome = await asyncio.to_thread(run_round, io, loop.uid, RUNTIME.events)
+            if outcome is None:
                 return
-            for event in result.events:
-                kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-                log.info("%s/%s %s: %s", loop.namespace, loop.name, event.reason, event.message)
-            delay = result.requeue_after
+            if outcome.problem is None:
+                failures = 0
+                delay = outcome.requeue_after
+            else:
+                failures += 1
+                delay = retry_delay(failures, outcome.problem.retry_after, outcome.problem.code == 409)
+                log.info(
+                    "%s/%s: %s; retrying in %.1fs", loop.namespace, loop.name, outcome.problem.describe, delay
+                )
+                metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+                await _sleep(loop, delay, unless_generation=generation)
+                continue
         except KubeError as exc:
-            logger.warning(f"API call failed, retrying in {delay:g}s: {exc}")
+            failures += 1
+            delay = retry_delay(failures, exc.retry_after)
+            logger.warning(f"API call failed, retrying in {delay:.1f}s: {exc}")
         except Exception:
-            logger.exception(f"reconcile round failed, retrying in {delay:g}s")
+            failures += 1
+            delay = retry_delay(failures, None)
+            logger.exception(f"reconcile round failed, retrying in {delay:.1f}s")
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         await _sleep(loop, delay)
         await asyncio.sleep(COALESCE_SECONDS)
+
+
+def retry_delay(failures: int, retry_after: float | None, short: bool = False) -> float:
+    """Exponential backoff with full jitter in its upper half: 1, 2, 4, ... s, capped (at 10 s
+    while waiting for a namesake's leftovers to go, else at a minute); the server's Retry-After
+    when it gave one."""
+    if retry_after is not None:
+        return max(retry_after, API_RETRY_INITIAL_SECONDS)
+    cap = 10.0 if short else API_RETRY_MAX_SECONDS
+    base = min(cap, API_RETRY_INITIAL_SECONDS * 2 ** min(failures - 1, 16))
+    return base * random.uniform(0.5, 1.0)
 
 
 class _Runtime:
@@ -77,6 +126,7 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.kube: Kube | None = None
+        self.events: EventRecorder | None = None
         self.nodes: NodeTracker | None = None
         self.settings: kopf.OperatorSettings | None = None
         self.planner = RelaunchPlanner()
@@ -114,7 +164,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.label_selectors["batch", "jobs"] = resources.LABEL_JOB
     # No CRD/namespace scanning: it would need cluster-wide read access to CRDs and namespaces.
     settings.scanning.disabled = True
-    # Events: the job loops post their own (kopf.event), one per step; kopf's own per-handler
+    # Events: the job loops post their own (counted, see events.py), one per step; kopf's own per-handler
     # messages reach the TrainingJob's Events only when they are warnings or errors.
     settings.posting.level = logging.WARNING
 
@@ -122,6 +172,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     RUNTIME.settings = settings
     RUNTIME.loop = asyncio.get_running_loop()
     RUNTIME.kube = Kube()
+    RUNTIME.events = EventRecorder(RUNTIME.kube)
     RUNTIME.nodes = NodeTracker(
         RUNTIME.kube, interval=RUNTIME.node_poll_seconds, on_change=RUNTIME.wake_all_threadsafe
     )
@@ -170,22 +221,44 @@ async def trainingjob_changed(
 
 
 def _identity(body: kopf.Body) -> dict[str, Any]:
-    """What a loop keeps of the body: enough to post Events about the job."""
+    """What a loop keeps of the body: enough to post Events about the job, and its generation."""
     meta = body.get("metadata", {})
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+            "generation": meta.get("generation"),
+        },
     }
 
 
-def run_round(io: JobIO, uid: str) -> Result | None:
-    """One observe -> decide -> act -> record round (blocking I/O; runs in a worker thread)."""
+@dataclass
+class RoundOutcome:
+    """What a round did: the reconcile result it applied, or the API problem that stopped it."""
+
+    result: Result | None
+    problem: ApiProblem | None = None
+
+    @property
+    def requeue_after(self) -> float:
+        return self.result.requeue_after if self.result is not None else ERROR_RETRY_SECONDS
+
+
+def run_round(io: JobIO, uid: str, events: EventRecorder) -> RoundOutcome | None:
+    """One observe -> decide -> act -> record round (blocking I/O; runs in a worker thread).
+
+    None when the job is gone (deleted, replaced by a namesake, or its namespace is being
+    deleted): the loop ends.
+    """
     body = io.get_trainingjob()
     if body is None or (body.get("metadata") or {}).get("uid") != uid:
         return None  # deleted (or replaced by a namesake, whose own loop the watch starts)
     meta = body.get("metadata") or {}
     try:
+        check_name(meta.get("name", ""))
         spec: Any = parse_spec(body.get("spec") or {})
     except SpecError as exc:
         spec = exc
@@ -197,20 +270,70 @@ def run_round(io: JobIO, uid: str) -> Result | None:
     # Creates before the status write (it records what now exists: a crash in between repeats
     # them, and 409 means done); deletions after it (the status first records why: a crash in
     # between must not leave workers deleted with no trace of the failure that caused it).
-    io.apply([a for a in result.actions if isinstance(a, Create)])
+    try:
+        io.apply([a for a in result.actions if isinstance(a, Create)])
+    except ActionFailed as failed:
+        if failed.error.namespace_terminating:
+            return None
+        return _report_problem(io, ref, events, status, meta.get("generation"), failed)
     io.patch_status(status, result.status)
-    io.apply([a for a in result.actions if isinstance(a, DeletePod)])
+    for event in result.events:
+        events.post(ref, event.type, event.reason, event.message)
+        log.info("%s/%s %s: %s", io.namespace, io.name, event.reason, event.message)
     metrics.record_round(
         io.namespace, io.name, result.status, result.completed_recovery, result.conversion_report
     )
-    return result
-
-
-async def _sleep(loop: JobLoop, delay: float) -> None:
-    """Until a watch event wakes the loop, the timer runs out, or the loop is stopped."""
-    waiters = {asyncio.ensure_future(loop.wake.wait()), asyncio.ensure_future(loop.stopped.wait())}
     try:
-        await asyncio.wait(waiters, timeout=max(0.05, delay), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+        io.apply([a for a in result.actions if not isinstance(a, Create)])
+    except ActionFailed as failed:
+        if failed.error.namespace_terminating:
+            return None
+        return _report_problem(io, ref, events, result.status, meta.get("generation"), failed)
+    return RoundOutcome(result)
+
+
+def _report_problem(
+    io: JobIO,
+    ref: resources.JobRef,
+    events: EventRecorder,
+    status: dict[str, Any],
+    generation: int | None,
+    failed: ActionFailed,
+) -> RoundOutcome:
+    """Record an action the API server did not carry out in the status and one (counted) Event;
+    a namesake's leftover in the way is deleted so that the retry can succeed."""
+    problem = failed.problem
+    if isinstance(failed.error, ForeignObjectError) and not failed.error.deleting:
+        try:
+            io.delete(problem.kind, problem.name)
+        except KubeError as exc:
+            log.warning(
+                "%s/%s: could not delete %s %s: %s", io.namespace, io.name, problem.kind, problem.name, exc
+            )
+    new = api_problem_status(status, problem, time.time(), generation)
+    io.patch_status(status, new)
+    events.post(ref, "Warning", problem.reason, problem.describe)
+    return RoundOutcome(None, problem)
+
+
+async def _sleep(loop: JobLoop, delay: float, unless_generation: int | object | None = None) -> None:
+    """Until a watch event wakes the loop, the timer runs out, or the loop is stopped. With
+    ``unless_generation``, wake-ups end the sleep only once the job has a newer generation."""
+    deadline = time.monotonic() + max(0.05, delay)
+    while True:
+        waiters = {asyncio.ensure_future(loop.wake.wait()), asyncio.ensure_future(loop.stopped.wait())}
+        try:
+            await asyncio.wait(
+                waiters, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if (
+            unless_generation is None
+            or loop.stopped.is_set()
+            or time.monotonic() >= deadline
+            or loop.generation != unless_generation
+        ):
+            return
+        loop.wake.clear()

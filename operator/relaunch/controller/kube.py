@@ -27,10 +27,14 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from relaunch import resources
+from relaunch.controller import metrics
 from relaunch.controller.reconcile import (
     Action,
+    ApiProblem,
     Create,
+    DeleteJob,
     DeletePod,
+    ForeignObject,
     HelperJobView,
     NodeView,
     Observed,
@@ -47,15 +51,98 @@ REQUEST_TIMEOUT = 30
 
 
 class KubeError(RuntimeError):
-    """An API call failed for a reason other than "already exists"/"already gone"."""
+    """An API call failed for a reason other than "already exists"/"already gone".
 
-    def __init__(self, status: int, method: str, path: str, body: str) -> None:
+    ``message`` is the server's own words (the Status object's message), ``retry_after`` the
+    delay it asked for (the Retry-After header, or the Status details' retryAfterSeconds).
+    """
+
+    def __init__(
+        self, status: int, method: str, path: str, body: str, retry_after: float | None = None
+    ) -> None:
         self.status = status
+        self.method = method
+        self.path = path
+        self.causes: list[str] = []
+        details: Mapping[str, Any] = {}
         try:
-            message = json.loads(body).get("message", body)
-        except ValueError:
+            parsed = json.loads(body)
+            message = str(parsed.get("message", body))
+            details = parsed.get("details") or {}
+            self.causes = [str(c.get("reason") or c.get("type") or "") for c in details.get("causes") or []]
+        except (ValueError, AttributeError):
             message = body
+        if retry_after is None and isinstance(details.get("retryAfterSeconds"), int | float):
+            retry_after = float(details["retryAfterSeconds"])
+        self.message = message
+        self.retry_after = retry_after
         super().__init__(f"{method} {path}: HTTP {status}: {message}")
+
+    @property
+    def namespace_terminating(self) -> bool:
+        """A create refused because the namespace is being deleted: nothing to retry."""
+        return self.status == 403 and (
+            "NamespaceTerminating" in self.causes or "because it is being terminated" in self.message
+        )
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: rare from the API server; our own backoff applies
+
+
+class ForeignObjectError(KubeError):
+    """A create met an object of the same name that another owner holds (409 that is not "done")."""
+
+    def __init__(self, path: str, name: str, existing: Mapping[str, Any]) -> None:
+        meta = existing.get("metadata") or {}
+        self.name = name
+        self.deleting = bool(meta.get("deletionTimestamp"))
+        owner = owner_uid(existing)
+        state = "being deleted" if self.deleting else "still there"
+        body = json.dumps({"message": f"{name} is owned by {owner or 'nobody'} and {state}"})
+        super().__init__(409, "POST", f"{path}/{name}", body)
+
+
+class ActionFailed(Exception):
+    """An action the API server did not carry out, as the :class:`ApiProblem` the status shows."""
+
+    def __init__(self, action: Action, error: KubeError) -> None:
+        self.action = action
+        self.error = error
+        if isinstance(action, Create):
+            verb, kind, name = "create", action.manifest["kind"], action.manifest["metadata"]["name"]
+        else:
+            verb, kind, name = "delete", "Pod" if isinstance(action, DeletePod) else "Job", action.name
+        self.problem = ApiProblem(verb, kind, name, error.status, error.message, error.retry_after)
+        super().__init__(str(error))
+
+
+def owner_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controlling owner (the TrainingJob that made it), if any."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    for ref in refs:
+        if ref.get("controller"):
+            return str(ref.get("uid"))
+    return str(refs[0].get("uid")) if refs else None
+
+
+def resource_of(path: str) -> str:
+    """The resource a REST path names (``pods``, ``jobs``, ``trainingjobs/status``, ...), for metrics."""
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    if "namespaces" in parts:
+        i = parts.index("namespaces")
+        rest = parts[i + 2 :]
+        if not rest:  # a namespace itself
+            return "namespaces"
+        parts = rest
+    else:
+        parts = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if not parts:
+        return "unknown"
+    return parts[0] + (f"/{parts[2]}" if len(parts) > 2 else "")
 
 
 def load_client_config() -> None:
@@ -81,6 +168,7 @@ class Kube:
     def __init__(self, api_client: k8s.ApiClient | None = None) -> None:
         self.api = api_client or k8s.ApiClient()
         self.pool = ThreadPoolExecutor(max_workers=API_CONCURRENCY, thread_name_prefix="relaunch-api")
+        self._local = threading.local()  # the Retry-After of this thread's last error response
 
     def request(
         self,
@@ -112,13 +200,20 @@ class Kube:
                 payload = json.loads(raw)
             except ValueError:
                 payload = raw.decode(errors="replace")
+        if response.status >= 400:
+            metrics.api_error(method, resource_of(path), response.status)
+            self._local.retry_after = _retry_after(response.getheader("Retry-After"))
         return response.status, payload
 
     def _ok(self, method: str, path: str, status: int, payload: Any, *, tolerate: Iterable[int] = ()) -> Any:
         if 200 <= status < 300 or status in tolerate:
             return payload
         raise KubeError(
-            status, method, path, json.dumps(payload) if not isinstance(payload, str) else payload
+            status,
+            method,
+            path,
+            json.dumps(payload) if not isinstance(payload, str) else payload,
+            retry_after=getattr(self._local, "retry_after", None) if status == 429 or status >= 500 else None,
         )
 
     def get(self, path: str, query: Mapping[str, Any] | None = None) -> Any:
@@ -132,10 +227,20 @@ class Kube:
         return list((payload or {}).get("items") or [])
 
     def create(self, path: str, manifest: Mapping[str, Any]) -> bool:
-        """Create; False when it already existed (409): deterministic names make that "done"."""
+        """Create; False when it already existed (409) and is ours: deterministic names make that
+        "done". An object of that name owned by someone else (a namesake's leftover) is not ours:
+        :class:`ForeignObjectError`."""
         status, payload = self.request("POST", path, body=manifest)
         self._ok("POST", path, status, payload, tolerate=(409,))
-        return status != 409
+        if status != 409:
+            return True
+        owners = {o.get("uid") for o in (manifest.get("metadata") or {}).get("ownerReferences") or []}
+        if owners:
+            name = (manifest.get("metadata") or {}).get("name", "")
+            existing = self.get(f"{path}/{quote(name, safe='')}")
+            if existing is not None and owner_uid(existing) not in owners:
+                raise ForeignObjectError(path, name, existing)
+        return False
 
     def delete(self, path: str, *, grace_seconds: int | None = None) -> None:
         body: dict[str, Any] = {"propagationPolicy": "Background"}
@@ -147,6 +252,11 @@ class Kube:
     def merge_patch(self, path: str, patch: Mapping[str, Any]) -> Any:
         status, payload = self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
         return self._ok("PATCH", path, status, payload)
+
+    def merge_patch_or_none(self, path: str, patch: Mapping[str, Any]) -> Any:
+        """A merge patch; None when the object is gone (404)."""
+        status, payload = self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+        return None if status == 404 else self._ok("PATCH", path, status, payload)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,14 +313,8 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
             reason = status.get("reason") or term.get("reason")
             message = status.get("message") or term.get("message")
             finished = parse_k8s_time(term.get("finishedAt"))
-    unschedulable: float | None = None
-    for cond in status.get("conditions") or []:
-        if (
-            cond.get("type") == "PodScheduled"
-            and cond.get("status") == "False"
-            and cond.get("reason") == "Unschedulable"
-        ):
-            unschedulable = parse_k8s_time(cond.get("lastTransitionTime")) or time.time()
+    unschedulable, unschedulable_message = _unschedulable(status)
+    waiting_reason, waiting_message = _waiting(status)
     return PodView(
         name=meta.get("name", ""),
         attempt=attempt,
@@ -223,36 +327,89 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         message=message,
         finished_at=finished,
         unschedulable_since=unschedulable,
+        unschedulable_message=unschedulable_message,
+        waiting_reason=waiting_reason,
+        waiting_message=waiting_message,
     )
+
+
+def _unschedulable(status: Mapping[str, Any]) -> tuple[float | None, str | None]:
+    """Since when the scheduler cannot place the pod, and its words why (PodScheduled=False)."""
+    for cond in status.get("conditions") or []:
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            since = parse_k8s_time(cond.get("lastTransitionTime")) or time.time()
+            return since, (cond.get("message") or "").strip() or None
+    return None, None
+
+
+def _waiting(status: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The first container that waits for a reason other than being created, with the kubelet's words."""
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason and reason not in ("ContainerCreating", "PodInitializing"):
+            return str(reason), (waiting.get("message") or "").strip() or None
+    return None, None
 
 
 def helper_job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> HelperJobView:
-    """A planning/conversion Job with its pod's termination message (the plan travels there)."""
+    """A planning/conversion Job with what its pod shows (the plan travels in its termination
+    message). A Job may have had several pods (the Job controller replaces a disrupted one): the
+    one that explains it is a succeeded pod, else a live one, else the newest."""
     name = (job.get("metadata") or {}).get("name", "")
-    conditions = {c.get("type"): c.get("status") for c in (job.get("status") or {}).get("conditions") or []}
-    succeeded = (
-        conditions.get("Complete") == "True" or int((job.get("status") or {}).get("succeeded") or 0) > 0
-    )
-    failed = conditions.get("Failed") == "True"
+    job_status = job.get("status") or {}
+    conditions = {c.get("type"): c.get("status") for c in job_status.get("conditions") or []}
+    succeeded = conditions.get("Complete") == "True" or int(job_status.get("succeeded") or 0) > 0
+    failed = conditions.get("Failed") == "True" or conditions.get("FailureTarget") == "True"
+    own = [
+        pod
+        for pod in pods
+        if ((pod.get("metadata") or {}).get("labels") or {}).get(
+            "batch.kubernetes.io/job-name", ((pod.get("metadata") or {}).get("labels") or {}).get("job-name")
+        )
+        == name
+    ]
+
+    def rank(pod: Mapping[str, Any]) -> tuple[int, str]:
+        phase = (pod.get("status") or {}).get("phase")
+        order = 2 if phase == "Succeeded" else 1 if phase in ("Pending", "Running") else 0
+        return order, str((pod.get("metadata") or {}).get("creationTimestamp") or "")
+
+    if not own:
+        return HelperJobView(name=name, succeeded=succeeded, failed=failed)
+    pod = max(own, key=rank)
+    status = pod.get("status") or {}
     message: str | None = None
     exit_code: int | None = None
-    pod_failed = False
-    for pod in pods:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        if labels.get("batch.kubernetes.io/job-name", labels.get("job-name")) != name:
-            continue
-        status = pod.get("status") or {}
-        for cs in status.get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated")
-            if term:
-                exit_code = term.get("exitCode")
-                message = (term.get("message") or "").strip() or message
-        if status.get("phase") == "Failed":
-            pod_failed = True
-        elif status.get("phase") == "Succeeded":
-            succeeded = True
+    term_reason: str | None = None
+    for cs in status.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            exit_code = term.get("exitCode")
+            term_reason = term.get("reason")
+            message = (term.get("message") or "").strip() or message
+    if status.get("phase") == "Succeeded":
+        succeeded = True
+    _, unschedulable_message = _unschedulable(status)
+    waiting_reason, waiting_message = _waiting(status)
+    telling = term_reason if term_reason not in (None, "Error", "Completed") else None
+    reason = status.get("reason") or telling
     return HelperJobView(
-        name=name, succeeded=succeeded, failed=failed or pod_failed, message=message, exit_code=exit_code
+        name=name,
+        succeeded=succeeded,
+        failed=failed and not succeeded,
+        message=message,
+        exit_code=exit_code,
+        pod=(pod.get("metadata") or {}).get("name"),
+        node=(pod.get("spec") or {}).get("nodeName"),
+        pod_reason=reason,
+        unschedulable_message=unschedulable_message,
+        waiting_reason=waiting_reason,
+        waiting_message=waiting_message,
     )
 
 
@@ -350,12 +507,14 @@ class NodeTracker:
 
 
 class JobIO:
-    """Reads and writes for one TrainingJob, by namespace and name."""
+    """Reads and writes for one TrainingJob: found by namespace and name, its objects told
+    apart by their owner's uid (a namesake's leftovers carry the same name label)."""
 
-    def __init__(self, kube: Kube, namespace: str, name: str) -> None:
+    def __init__(self, kube: Kube, namespace: str, name: str, uid: str = "") -> None:
         self.kube = kube
         self.namespace = namespace
         self.name = name
+        self.uid = uid
 
     def get_trainingjob(self) -> dict[str, Any] | None:
         return self.kube.get(trainingjob_path(self.namespace, self.name))
@@ -365,8 +524,13 @@ class JobIO:
         pods = self.kube.list(collection_path("Pod", self.namespace), selector)
         workers = []
         helpers = []
+        foreign: list[ForeignObject] = []
         for pod in pods:
-            role = ((pod.get("metadata") or {}).get("labels") or {}).get(resources.LABEL_ROLE)
+            meta = pod.get("metadata") or {}
+            if self.uid and owner_uid(pod) != self.uid and not _job_pod(pod):
+                foreign.append(_foreign("Pod", meta))
+                continue
+            role = (meta.get("labels") or {}).get(resources.LABEL_ROLE)
             if role == resources.ROLE_WORKER:
                 worker = pod_view(pod)
                 if worker is not None:
@@ -375,11 +539,20 @@ class JobIO:
                 helpers.append(pod)
         jobs = {}
         for job in self.kube.list(collection_path("Job", self.namespace), selector):
+            meta = job.get("metadata") or {}
+            if self.uid and owner_uid(job) != self.uid:
+                foreign.append(_foreign("Job", meta))
+                continue
             view = helper_job_view(job, helpers)
             jobs[view.name] = view
         config_text, config_error = self._config_text(spec)
         return Observed(
-            pods=tuple(workers), jobs=jobs, nodes=nodes, config_text=config_text, config_error=config_error
+            pods=tuple(workers),
+            jobs=jobs,
+            nodes=nodes,
+            config_text=config_text,
+            config_error=config_error,
+            foreign=tuple(foreign),
         )
 
     def _config_text(self, spec: TrainingJobSpec | None) -> tuple[str | None, str | None]:
@@ -417,7 +590,16 @@ class JobIO:
         for future in [self.kube.pool.submit(self._apply_one, a) for a in rest]:
             future.result()
 
+    def delete(self, kind: str, name: str) -> None:
+        self.kube.delete(f"{collection_path(kind, self.namespace)}/{quote(name, safe='')}")
+
     def _apply_one(self, action: Action) -> None:
+        try:
+            self._apply(action)
+        except KubeError as error:
+            raise ActionFailed(action, error) from error
+
+    def _apply(self, action: Action) -> None:
         if isinstance(action, Create):
             kind = action.manifest["kind"]
             created = self.kube.create(collection_path(kind, self.namespace), action.manifest)
@@ -427,11 +609,22 @@ class JobIO:
         elif isinstance(action, DeletePod):
             path = f"{collection_path('Pod', self.namespace)}/{quote(action.name, safe='')}"
             self.kube.delete(path, grace_seconds=0 if action.force else None)
+        elif isinstance(action, DeleteJob):
+            self.kube.delete(f"{collection_path('Job', self.namespace)}/{quote(action.name, safe='')}")
 
     def patch_status(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
         patch = merge_patch(old, new)
         if patch:
             self.kube.merge_patch(trainingjob_path(self.namespace, self.name) + "/status", {"status": patch})
+
+
+def _foreign(kind: str, meta: Mapping[str, Any]) -> ForeignObject:
+    return ForeignObject(kind, meta.get("name", ""), bool(meta.get("deletionTimestamp")))
+
+
+def _job_pod(pod: Mapping[str, Any]) -> bool:
+    """A helper Job's pod: owned by its Job, not by the TrainingJob (the Job is checked instead)."""
+    return any(ref.get("kind") == "Job" for ref in (pod.get("metadata") or {}).get("ownerReferences") or [])
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,12 @@ class JobLoop:
         self.context = context
 
     @property
+    def generation(self) -> int | None:
+        """The job's metadata.generation as the newest event showed it."""
+        value = (self.body.get("metadata") or {}).get("generation")
+        return value if isinstance(value, int) else None
+
+    @property
     def namespace(self) -> str:
         return self.key[0]
 

@@ -30,6 +30,16 @@ CHECKPOINT_STEP = Gauge(
 FAILED = Gauge(
     "relaunch_trainingjob_failed", "1 when the TrainingJob is Failed.", ["namespace", "trainingjob"]
 )
+API_ERRORS = Counter(
+    "relaunch_api_errors_total",
+    "API requests the server answered with an error (4xx, 5xx), by verb, resource and HTTP code.",
+    ["verb", "resource", "code"],
+)
+RECONCILE_SECONDS = Histogram(
+    "relaunch_reconcile_seconds",
+    "Seconds one reconcile round of a TrainingJob took (observe, decide, act, write status).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 CONVERSION_BYTES = Counter("relaunch_conversion_bytes_total", "Bytes written by conversion Jobs.")
 CONVERSION_SECONDS = Histogram(
     "relaunch_conversion_seconds", "Seconds conversion Jobs took (as they report).", buckets=_STAGE_BUCKETS
@@ -66,6 +76,10 @@ def record_round(
                 CONVERSION_BYTES.inc(report["bytes"])
             if isinstance(report.get("seconds"), int | float):
                 CONVERSION_SECONDS.observe(report["seconds"])
+
+
+def api_error(verb: str, resource: str, code: int) -> None:
+    API_ERRORS.labels(verb.lower(), resource, str(code)).inc()
 
 
 def forget(namespace: str, name: str) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -85,17 +85,71 @@ class PodView:
     message: str | None = None
     finished_at: float | None = None
     unschedulable_since: float | None = None  # PodScheduled=False (Unschedulable) since
+    unschedulable_message: str | None = None  # the scheduler's words ("0/3 nodes are available: ...")
+    waiting_reason: str | None = None  # a container's waiting reason (ErrImagePull, ...)
+    waiting_message: str | None = None  # the kubelet's words about it
+
+
+#: Container waiting reasons that mean a pod will not start by itself soon: the kubelet's words
+#: are shown at once instead of "starting" for as long as the stage deadline.
+NOT_STARTING_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
 
 
 @dataclass(frozen=True)
 class HelperJobView:
-    """A planning or conversion Job, with what its pod reported."""
+    """A planning or conversion Job, with what its (newest) pod shows."""
 
     name: str
     succeeded: bool = False
-    failed: bool = False
+    failed: bool = False  # the Job failed (its Failed or FailureTarget condition)
     message: str | None = None  # the pod's termination message
     exit_code: int | None = None
+    pod: str | None = None  # the pod that explains the Job: the one that ran last
+    node: str | None = None
+    pod_reason: str | None = None  # DeadlineExceeded, OOMKilled, Evicted, ...
+    unschedulable_message: str | None = None
+    waiting_reason: str | None = None
+    waiting_message: str | None = None
+
+    @property
+    def killed(self) -> bool:
+        """The pod was stopped from outside before it could report (worth another try)."""
+        if self.pod_reason in ("DeadlineExceeded", "OOMKilled", "Evicted"):
+            return True
+        return self.exit_code is None or self.exit_code >= 128
+
+    def failure_text(self, deadline_hint: str) -> str:
+        if self.pod_reason == "DeadlineExceeded":
+            return f"ran past its deadline ({deadline_hint})"
+        if self.pod_reason == "OOMKilled":
+            return "was killed for exceeding its memory limit (spec.helpers resources)"
+        if self.pod_reason == "Evicted":
+            return "was evicted"
+        if self.exit_code is not None and self.exit_code >= 128:
+            return f"was killed by signal {self.exit_code - 128} (exit code {self.exit_code})"
+        if self.exit_code is None:
+            return "failed before its pod reported an exit code"
+        return f"exited with code {self.exit_code} and reported nothing"
+
+
+@dataclass(frozen=True)
+class ForeignObject:
+    """An object carrying this job's name label but owned by another TrainingJob (a namesake
+    deleted and re-created under the same name): never adopted, removed before we go on."""
+
+    kind: str  # Pod | Job
+    name: str
+    deleting: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +169,7 @@ class Observed:
     nodes: Mapping[str, NodeView] | None = None
     config_text: str | None = None
     config_error: str | None = None
+    foreign: tuple[ForeignObject, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,13 +188,20 @@ class DeletePod:
 
 
 @dataclass(frozen=True)
+class DeleteJob:
+    """Delete a helper Job (and, in the background, its pods)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class Event:
     type: Literal["Normal", "Warning"]
     reason: str
     message: str
 
 
-Action = Create | DeletePod
+Action = Create | DeletePod | DeleteJob
 
 
 @dataclass
@@ -150,6 +212,58 @@ class Result:
     requeue_after: float
     completed_recovery: dict[str, Any] | None = None  # the history entry, for metrics
     conversion_report: str | None = None  # the conversion Job's termination message
+
+
+# ----------------------------------------------------------------------------------------------
+# When the API server says no
+
+
+#: Ready-condition reasons written for an API problem (cleared by the next round that gets on).
+API_PROBLEM_REASONS = frozenset({"CreateRefused", "DeleteRefused", "Throttled", "WaitingForPredecessor"})
+
+
+@dataclass(frozen=True)
+class ApiProblem:
+    """An action the API server did not carry out: refused (4xx), throttled or unavailable
+    (429, 5xx), or blocked by a namesake's leftover (409 on an object another job owns)."""
+
+    verb: str  # create | delete
+    kind: str
+    name: str
+    code: int
+    message: str  # the server's own words
+    retry_after: float | None = None  # what the server asked for (Retry-After), if anything
+
+    @property
+    def reason(self) -> str:
+        if self.code == 409:
+            return "WaitingForPredecessor"
+        if self.code == 429 or self.code >= 500:
+            return "Throttled"
+        return "DeleteRefused" if self.verb == "delete" else "CreateRefused"
+
+    @property
+    def describe(self) -> str:
+        if self.code == 409:
+            return (
+                f"{self.kind} {self.name} belongs to an earlier TrainingJob of the same name; waiting for "
+                f"it to go ({self.message})"
+            )
+        return (
+            f"{self.verb} {self.kind} {self.name}: the API server answered HTTP {self.code}: {self.message}"
+        )
+
+
+def api_problem_status(
+    status: Mapping[str, Any], problem: ApiProblem, now: float, generation: int | None
+) -> dict[str, Any]:
+    """The status to write when a round's actions were not carried out: the status as it was
+    (nothing it would have recorded happened), with the problem in ``message`` and the Ready
+    condition. The next round decides the same actions again (level-triggered) and retries them."""
+    st = copy.deepcopy(dict(status))
+    st["message"] = f"{problem.reason}: {problem.describe}; retrying with backoff"
+    set_condition(st, "Ready", False, problem.reason, st["message"], now, generation)
+    return st
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,6 +498,37 @@ class _Round:
     def condition(self, type_: str, state: bool, reason: str, message: str) -> None:
         set_condition(self.status, type_, state, reason, message, self.now, self.generation)
 
+    def notice(self, reason: str, message: str) -> None:
+        """Say what the job waits for: the status message, the Ready condition's reason, and a
+        Warning Event when the message is new (messages carry no countdowns, so a wait that
+        does not change posts one Event, not one per round)."""
+        if self.status.get("message") != message:
+            self.event("Warning", reason, message)
+        self.status["message"] = message
+        self.condition("Ready", False, reason, message)
+
+    def past_deadline(self, rec: dict[str, Any], awaiting: str) -> bool:
+        """Whether the stage is past its deadline (spec.recovery.deadlines); if so the Stalled
+        condition (and one Event) says what it waits for. Otherwise wake up at the deadline."""
+        stage = str(rec.get("stage"))
+        deadline = self.spec.recovery.deadlines.for_stage(stage)
+        if deadline is None:
+            return False
+        started = parse_time(rec.get("stageStartedAt")) or self.now
+        if self.now < started + deadline:
+            self.wake_in(started + deadline - self.now)
+            return False
+        reason = f"{stage}DeadlineExceeded"
+        message = (
+            f"{stage} has taken more than {deadline}s "
+            f"(spec.recovery.deadlines.{stage[0].lower()}{stage[1:]}Seconds): {awaiting}"
+        )
+        old = next((c for c in self.status.get("conditions") or [] if c.get("type") == "Stalled"), None)
+        if not (old and old.get("status") == "True" and old.get("message") == message):
+            self.event("Warning", reason, message)
+        self.condition("Stalled", True, reason, message)
+        return True
+
 
 def reconcile(
     ref: resources.JobRef,
@@ -465,8 +610,35 @@ def _active(r: _Round) -> None:
         else:
             _watch_running(r, attempt)
     rec = st.get("recovery")
-    if rec is not None:
-        _advance_recovery(r)
+    if rec is None:
+        return
+    if r.observed.foreign:
+        _remove_predecessor_leftovers(r)
+        return
+    ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), None)
+    if ready is not None and ready.get("reason") in API_PROBLEM_REASONS:
+        # The problem an earlier round recorded is gone or will be recorded again by the caller.
+        r.condition("Ready", False, rec["reason"], rec.get("message", ""))
+    _advance_recovery(r)
+
+
+def _remove_predecessor_leftovers(r: _Round) -> None:
+    """A namesake (a TrainingJob deleted and created again under this name) left pods or Jobs
+    that carry our name label: never adopt them, delete them and wait until they are gone
+    before creating anything, so that no name is shared with them."""
+    foreign = sorted(r.observed.foreign, key=lambda o: (o.kind, o.name))
+    for obj in foreign:
+        if obj.deleting:
+            continue
+        r.actions.append(DeletePod(obj.name) if obj.kind == "Pod" else DeleteJob(obj.name))
+    names = ", ".join(f"{o.kind.lower()} {o.name}" for o in foreign[:5])
+    names += ", ..." if len(foreign) > 5 else ""
+    r.notice(
+        "WaitingForPredecessor",
+        f"waiting for {len(foreign)} objects left by an earlier TrainingJob named {r.ref.name} to go "
+        f"(deleted, not adopted): {names}",
+    )
+    r.wake_in(2.0)
 
 
 def _current_pods(r: _Round, attempt: int) -> list[PodView]:
@@ -634,12 +806,21 @@ def _start_recovery(
 
 def _enter_stage(r: _Round, stage: str) -> None:
     rec = r.status["recovery"]
+    rec.pop("helperTries", None)
+    rec.pop("helperRetryAt", None)
+    _clear_stalled(r, f"{rec['stage']} done")
     started = parse_time(rec.get("stageStartedAt")) or r.now
     seconds = dict(rec.get("seconds") or {})
     seconds[rec["stage"]] = round(max(0.0, r.now - started), 3)
     rec["seconds"] = seconds
     rec["stage"] = stage
     rec["stageStartedAt"] = iso_precise(r.now)
+
+
+def _clear_stalled(r: _Round, why: str) -> None:
+    conditions = r.status.get("conditions") or []
+    if any(c.get("type") == "Stalled" and c.get("status") == "True" for c in conditions):
+        r.condition("Stalled", False, "Progressing", why)
 
 
 def _advance_recovery(r: _Round) -> None:
@@ -687,12 +868,21 @@ def _stopping(r: _Round, rec: dict[str, Any]) -> bool:
         _enter_stage(r, PLANNING)
         return True
     lost = _lost_nodes(r)
+    terminating = sorted(p.name for p in old if p.deleting)
+    overdue = bool(terminating) and r.past_deadline(
+        rec,
+        f"{len(terminating)} workers still terminating ({', '.join(terminating[:5])}"
+        + (", ..." if len(terminating) > 5 else "")
+        + "): force-deleting them",
+    )
     for pod in old:
         on_lost_node = pod.node in lost
-        if on_lost_node:
+        if on_lost_node or (overdue and pod.deleting):
+            # A lost node will never confirm a deletion; a pod that outlived the stopping
+            # deadline (a process ignoring SIGTERM, a kubelet that stopped answering) neither.
             r.actions.append(DeletePod(pod.name, force=True))
             last = r.status.get("lastFailure") or {}
-            if last.get("reason") != "NodeLost" and pod.phase not in ("Succeeded", "Failed"):
+            if on_lost_node and last.get("reason") != "NodeLost" and pod.phase not in ("Succeeded", "Failed"):
                 # The gang usually fails first because a peer vanished; the lost node is the
                 # cause, and the reason a worker could not be stopped gracefully.
                 r.status["lastFailure"] = Failure(
@@ -716,37 +906,112 @@ def _plan_outcome(r: _Round, rec: dict[str, Any]) -> PlanOutcome | None:
     return r.planner.interpret(text)
 
 
+#: Tries of one stage's helper Job (the first and the retries after a kill, a deadline or a
+#: lost node), and the delay before the second try (doubling after that).
+HELPER_MAX_TRIES = 3
+HELPER_RETRY_SECONDS = 5.0
+
+
+def _helper(
+    r: _Round, rec: dict[str, Any], role: str, build: Callable[[int], dict[str, Any]]
+) -> tuple[HelperJobView | None, str | None]:
+    """Run the stage's helper Job through its tries.
+
+    Returns the Job once it finished for good (succeeded, or failed in a way another try cannot
+    mend), else None while it is created, waits, runs or is retried; and, when the tries are
+    used up, why the last one failed. A helper whose pod was killed (a signal, its memory limit, its running
+    deadline) or whose node is lost is tried again after a backoff, up to HELPER_MAX_TRIES; a
+    disruption (eviction, preemption) is retried by the Job controller itself (pod failure
+    policy) and never reaches here. A pod that cannot be scheduled or started is waited for,
+    saying why, without a limit: the recovery continues when the cluster lets it run.
+    """
+    what = "planning" if role == resources.ROLE_PLAN else "conversion"
+    key = "planJob" if role == resources.ROLE_PLAN else "convertJob"
+    try_ = int(rec.get("helperTries") or 1)
+    name = str(build(try_)["metadata"]["name"])
+    job = r.observed.jobs.get(name)
+    if job is None:
+        retry_at = parse_time(rec.get("helperRetryAt"))
+        if retry_at is not None and retry_at > r.now:
+            r.wake_in(retry_at - r.now)
+            return None, None
+        r.actions.append(Create(build(try_)))
+        rec[key] = name
+        r.wake_in(5.0)
+        return None, None
+    lost = job.node is not None and not job.succeeded and job.node in _lost_nodes(r)
+    if job.succeeded or (job.failed and not job.killed and not lost):
+        return job, None
+    if job.failed or lost:
+        stage_key = "planningSeconds" if role == resources.ROLE_PLAN else "convertingSeconds"
+        cause = (
+            f"lost its node {job.node}" if lost else job.failure_text(f"spec.recovery.deadlines.{stage_key}")
+        )
+        if lost and job.pod:
+            r.actions.append(DeletePod(job.pod, force=True))
+        r.actions.append(DeleteJob(name))
+        if try_ >= HELPER_MAX_TRIES:
+            return None, f"{what} Job {name} {cause}; gave up after {try_} tries"
+        delay = HELPER_RETRY_SECONDS * 2 ** (try_ - 1)
+        rec["helperTries"] = try_ + 1
+        rec["helperRetryAt"] = iso_precise(r.now + delay)
+        r.event(
+            "Warning",
+            "HelperRetried",
+            f"{what} Job {name} {cause}; trying again (try {try_ + 1} of {HELPER_MAX_TRIES}) in {delay:g}s",
+        )
+        r.wake_in(delay)
+        return None, None
+    # Not finished: is anything in its way?
+    pod = job.pod or f"of Job {name}"
+    if job.unschedulable_message:
+        awaiting = f"the {what} pod {pod} cannot be scheduled: {job.unschedulable_message}"
+        r.notice("HelperUnschedulable", f"{rec['reason']}: {awaiting}")
+    elif job.waiting_reason in NOT_STARTING_REASONS:
+        awaiting = f"the {what} pod {pod} cannot start: {job.waiting_reason}: {job.waiting_message or ''}"
+        r.notice("HelperNotStarting", f"{rec['reason']}: {awaiting}".rstrip(": "))
+    else:
+        awaiting = f"{what} Job {name} has not finished"
+    r.past_deadline(rec, awaiting)
+    r.wake_in(5.0)
+    return None, None
+
+
 def _planning(r: _Round, rec: dict[str, Any]) -> bool:
     target = int(rec["attempt"])
-    name = resources.plan_job_name(r.ref.name, target)
     if not rec.get("plan"):
-        job = r.observed.jobs.get(name)
-        if job is None or not (job.message or job.failed):
-            if job is None:
-                command = r.planner.plan_command(
-                    r.spec,
-                    reason=rec["reason"],
-                    world_size=int(rec["replicas"]) * r.spec.ranks_per_worker,
-                    previous_world_size=rec.get("fromWorldSize"),
-                    last_conversion=r.status.get("lastConversion"),
-                    config_text=r.observed.config_text,
-                )
-                avoid = sorted(_lost_nodes(r))
-                job_manifest = resources.build_plan_job(r.ref, r.spec, target, command, avoid_nodes=avoid)
-                r.actions.append(Create(job_manifest))
-                rec["planJob"] = name
-                r.status["message"] = f"{rec['reason']}: planning (Job {name})"
-            r.wake_in(5.0)
+
+        def build(try_: int) -> dict[str, Any]:
+            command = r.planner.plan_command(
+                r.spec,
+                reason=rec["reason"],
+                world_size=int(rec["replicas"]) * r.spec.ranks_per_worker,
+                previous_world_size=rec.get("fromWorldSize"),
+                last_conversion=r.status.get("lastConversion"),
+                config_text=r.observed.config_text,
+            )
+            return resources.build_plan_job(
+                r.ref, r.spec, target, command, avoid_nodes=sorted(_lost_nodes(r)), try_=try_
+            )
+
+        if "planJob" not in rec:
+            r.status["message"] = f"{rec['reason']}: planning (Job {build(1)['metadata']['name']})"
+        job, gave_up = _helper(r, rec, resources.ROLE_PLAN, build)
+        if gave_up is not None:
+            _fail(r, "PlanningFailed", f"{gave_up}; see `kubectl logs job/{rec['planJob']}`")
+            return False
+        if job is None:
             return False
         if not job.message:
             _fail(
                 r,
                 "PlanningFailed",
-                f"planning Job {name} failed with exit code {job.exit_code} and reported nothing; "
-                f"see `kubectl logs job/{name}`",
+                f"planning Job {job.name} failed with exit code {job.exit_code} and reported nothing; "
+                f"see `kubectl logs job/{job.name}`",
             )
             return False
         rec["plan"] = job.message
+    name = rec.get("planJob") or resources.plan_job_name(r.ref.name, target)
     try:
         outcome = r.planner.interpret(rec["plan"])
     except ValueError as exc:
@@ -765,27 +1030,34 @@ def _planning(r: _Round, rec: dict[str, Any]) -> bool:
 def _converting(r: _Round, rec: dict[str, Any]) -> bool:
     st = r.status
     target = int(rec["attempt"])
-    name = resources.convert_job_name(r.ref.name, target)
     outcome = _plan_outcome(r, rec)
     if outcome is None:  # a hand-edited status lost the plan: plan again
         rec["stage"] = PLANNING
         return True
-    job = r.observed.jobs.get(name)
-    if job is None:
-        if not outcome.convert_command:
-            _fail(r, "ConversionFailed", "the plan asks for a conversion but names no conversion command")
-            return False
-        job_manifest = resources.build_convert_job(
-            r.ref, r.spec, target, outcome.convert_command, avoid_nodes=sorted(_lost_nodes(r))
+    if not outcome.convert_command:
+        _fail(r, "ConversionFailed", "the plan asks for a conversion but names no conversion command")
+        return False
+    command = outcome.convert_command
+
+    def build(try_: int) -> dict[str, Any]:
+        return resources.build_convert_job(
+            r.ref, r.spec, target, command, avoid_nodes=sorted(_lost_nodes(r)), try_=try_
         )
-        r.actions.append(Create(job_manifest))
-        rec["convertJob"] = name
+
+    first = "convertJob" not in rec
+    job, gave_up = _helper(r, rec, resources.ROLE_CONVERT, build)
+    if gave_up is not None:
+        _fail(r, "ConversionFailed", f"{gave_up}; see `kubectl logs job/{rec['convertJob']}`")
+        return False
+    if first and "convertJob" in rec:
         st["phase"] = CONVERTING
-        st["message"] = f"converting the checkpoint of step {outcome.step} (Job {name})"
+        st["message"] = f"converting the checkpoint of step {outcome.step} (Job {rec['convertJob']})"
         r.condition("Converting", True, "Converting", st["message"])
         r.event("Normal", "Converting", st["message"])
-        r.wake_in(5.0)
+    if job is None:
+        st["phase"] = CONVERTING
         return False
+    name = job.name
     if job.succeeded:
         r.conversion_report = job.message
         if outcome.conversion_record:
@@ -795,16 +1067,12 @@ def _converting(r: _Round, rec: dict[str, Any]) -> bool:
         st["phase"] = RECOVERING
         _enter_stage(r, STARTING)
         return True
-    if job.failed:
-        _fail(
-            r,
-            "ConversionFailed",
-            f"conversion Job {name} failed (exit code {job.exit_code}): {job.message or 'no message'}; "
-            f"see `kubectl logs job/{name}`",
-        )
-        return False
-    st["phase"] = CONVERTING
-    r.wake_in(5.0)
+    detail = job.message or "no message"
+    _fail(
+        r,
+        "ConversionFailed",
+        f"conversion Job {name} failed (exit code {job.exit_code}): {detail}; see `kubectl logs job/{name}`",
+    )
     return False
 
 
@@ -884,18 +1152,50 @@ def _starting(r: _Round, rec: dict[str, Any]) -> bool:
     running = sum(1 for p in pods if p.phase == "Running")
     succeeded = sum(1 for p in pods if p.phase == "Succeeded")
     st["readyWorkers"] = running
-    if _maybe_shrink(r, pods, replicas):
+    shrink = _maybe_shrink(r, pods, replicas)
+    if shrink is True:
         return True
     if running + succeeded == replicas:
         _complete_recovery(r, rec)
         if succeeded == replicas:  # finished before we ever saw it running
             _watch_running(r, target)
+        return False
+    r.past_deadline(rec, _why_not_running(r, rec, pods, replicas, shrink or ""))
     return False
 
 
-def _maybe_shrink(r: _Round, pods: Sequence[PodView], replicas: int) -> bool:
+def _why_not_running(
+    r: _Round, rec: dict[str, Any], pods: Sequence[PodView], replicas: int, shrink_note: str
+) -> str:
+    """What keeps workers from running, in the cluster's own words; reported at once when a
+    worker will not start by itself (an image that cannot be pulled, a missing ConfigMap or
+    Secret) or cannot be scheduled."""
+    pending = sorted((p for p in pods if p.phase == "Pending"), key=lambda p: p.index)
+    stuck = [p for p in pending if p.waiting_reason in NOT_STARTING_REASONS]
+    if stuck:
+        first = stuck[0]
+        others = f" (and {len(stuck) - 1} more)" if len(stuck) > 1 else ""
+        awaiting = (
+            f"worker {first.name}{others} cannot start: {first.waiting_reason}: {first.waiting_message or ''}"
+        ).rstrip(": ")
+        r.notice(str(first.waiting_reason), f"{rec['reason']}: {awaiting}")
+        return awaiting
+    unschedulable = [p for p in pending if p.unschedulable_since is not None]
+    if unschedulable:
+        first = unschedulable[0]
+        awaiting = (
+            f"{len(unschedulable)} of {replicas} workers cannot be scheduled: "
+            f"{first.unschedulable_message or 'no message from the scheduler'}"
+        ) + (f"; {shrink_note}" if shrink_note else "")
+        r.notice("WorkersUnschedulable", f"{rec['reason']}: {awaiting}")
+        return awaiting
+    return f"{len(pending)} of {replicas} workers are not running yet"
+
+
+def _maybe_shrink(r: _Round, pods: Sequence[PodView], replicas: int) -> bool | str:
     """Elastic shrink: workers unschedulable for the grace period (capacity lost with a node)
-    restart the job on the largest allowed size that the scheduled workers show fits."""
+    restart the job on the largest allowed size that the scheduled workers show fits. True when
+    it shrinks; why not, when no allowed size fits; False otherwise."""
     spec = r.spec
     if spec.elastic is None:
         return False
@@ -917,12 +1217,11 @@ def _maybe_shrink(r: _Round, pods: Sequence[PodView], replicas: int) -> bool:
         and r.planner.factorable(s * spec.ranks_per_worker, r.observed.config_text)
     ]
     if not allowed:
-        r.status["message"] = (
-            f"{len(stuck)} of {replicas} workers unschedulable for {r.now - since:.0f}s and no allowed "
-            f"smaller size fits (at most {fits} workers; spec.elastic allows {list(sizes)}): waiting"
-        )
         r.wake_in(POLL_SECONDS)
-        return False
+        return (
+            f"no allowed smaller size fits (at most {fits} workers; spec.elastic allows {list(sizes)}): "
+            "waiting for capacity"
+        )
     size = max(allowed)
     _start_recovery(
         r,
