@@ -74,6 +74,8 @@ import requests
 import urllib3
 
 LOG = logging.getLogger("nodeagent")
+#: Host environment every pod process inherits (machine-level library settings, not the agent's).
+MACHINE_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 HOSTS_FILE = Path(os.environ.get("RELAUNCH_HOSTS_FILE", "/etc/hosts"))
 HOSTS_LOCK = Path("/tmp/relaunch-testbed-hosts.lock")
 POD_MARKER_ENV = "RELAUNCH_TESTBED_CLUSTER"
@@ -1037,6 +1039,10 @@ class Agent:
             "KUBERNETES_PORT_443_TCP_PROTO": "tcp",
             POD_MARKER_ENV: str(self.state_dir),
         }
+        # The machine's own OpenBLAS settings (set on hosts whose CPU older OpenBLAS builds
+        # misdetect) reach its processes as they reach the tests' local runs: without them the
+        # kernels differ and numerics differ in the last bits from a reference run on the host.
+        env.update({k: v for k, v in os.environ.items() if k in MACHINE_ENV})
         ns = worker.ns
         for source in spec.get("envFrom") or []:
             prefix = source.get("prefix", "")
