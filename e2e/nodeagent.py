@@ -26,7 +26,10 @@ Started by ``python -m e2e.cluster up`` (``python -m e2e.nodeagent --help``). Wh
 * **Status** is reported like a kubelet: Pending → Running (podIP, hostIP, containerStatuses
   with ``state.running.startedAt``, conditions) → Succeeded/Failed with exit code, reason and
   termination message; ``restartPolicy`` Never/OnFailure/Always; graceful deletion (SIGTERM,
-  grace period, SIGKILL, then delete with grace 0).
+  grace period, SIGKILL, then a terminal phase is reported -- also for a pod deleted before it
+  ran, as a kubelet does -- and the pod is deleted with grace 0). Status goes out as a strategic
+  merge patch of ``pods/status``: conditions merge by ``type``, so the ``DisruptionTarget`` that
+  the Eviction API sets stays.
 * **Controls** over HTTP on 127.0.0.1: ``POST /kill_pod/<ns>/<pod>``, ``POST /lose_node/<node>``
   (heartbeats stop, processes are SIGKILLed, the node's pods freeze: a powered-off machine),
   ``POST /restore_node/<node>``, ``GET /status``, ``GET /healthz``.
@@ -408,14 +411,14 @@ def mount_script(
 class Container:
     """One container's process and its reported state."""
 
-    def __init__(self, spec: dict[str, Any], init: bool) -> None:
+    def __init__(self, spec: dict[str, Any], init: bool, waiting_reason: str = "ContainerCreating") -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self.init = init
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at: str | None = None
         self.restart_count = 0
-        self.state: dict[str, Any] = {"waiting": {"reason": "ContainerCreating"}}
+        self.state: dict[str, Any] = {"waiting": {"reason": waiting_reason}}
         self.last_state: dict[str, Any] = {}
         self.restart_at: float | None = None  # monotonic time of a pending restart (back-off)
         self.started_mono = 0.0
@@ -466,8 +469,11 @@ class PodWorker(threading.Thread):
         self.node: str = pod["spec"]["nodeName"]
         self.dir = agent.state_dir / "pods" / self.ns / self.pod_name / self.uid
         self.restart_policy: str = pod["spec"].get("restartPolicy", "Always")
-        self.init_containers = [Container(c, True) for c in pod["spec"].get("initContainers") or []]
-        self.containers = [Container(c, False) for c in pod["spec"]["containers"]]
+        # a kubelet's default waiting reason for every container of a pod that has init containers
+        init_specs = pod["spec"].get("initContainers") or []
+        self.default_waiting = "PodInitializing" if init_specs else "ContainerCreating"
+        self.init_containers = [Container(c, True, self.default_waiting) for c in init_specs]
+        self.containers = [Container(c, False, self.default_waiting) for c in pod["spec"]["containers"]]
         self.pod_ip = ""
         self.host_ip = agent.nodes[self.node].ip
         self.hostname = (pod["spec"].get("hostname") or self.pod_name)[:63]
@@ -536,6 +542,7 @@ class PodWorker(threading.Thread):
                 self.finish_deletion()
                 return
             if not self.lost():
+                self.set_pending_conditions()
                 try:
                     self.prepare()
                     self.prepared = True
@@ -601,13 +608,13 @@ class PodWorker(threading.Thread):
         if all(c.terminated and c.restart_at is None for c in self.containers):
             failed = any(c.terminated and c.terminated["exitCode"] != 0 for c in self.containers)
             self.phase = "Failed" if failed else "Succeeded"
-            self.set_condition("Ready", False, "PodCompleted")
-            self.set_condition("ContainersReady", False, "PodCompleted")
+            self.set_terminal_conditions()
         else:
             self.phase = "Running"
-            ready = all(c.ready for c in self.containers)
-            self.set_condition("Ready", ready, None if ready else "ContainersNotReady")
-            self.set_condition("ContainersReady", ready, None if ready else "ContainersNotReady")
+            unready = [c.name for c in self.containers if not c.ready]
+            message = f"containers with unready status: [{' '.join(unready)}]" if unready else None
+            for kind in ("Ready", "ContainersReady"):
+                self.set_condition(kind, not unready, "ContainersNotReady" if unready else None, message)
 
     def advance(self, container: Container) -> bool:
         """Drive one container; True once it has terminated for good (no restart coming)."""
@@ -866,33 +873,92 @@ class PodWorker(threading.Thread):
                     self.record_exit(container, code, allow_restart=False)
         if self.lost():
             return  # a node that lost power mid-deletion reports nothing; after restore the pod is re-handled
-        if self.phase not in ("Succeeded", "Failed") and self.prepared:
+        self.settle_container_states()
+        if self.phase not in ("Succeeded", "Failed"):
+            # a kubelet gives every pod it terminates a terminal phase, also one whose containers never ran
             failed = any(c.terminated and c.terminated["exitCode"] != 0 for c in self.containers)
             self.phase = "Failed" if failed or not all(c.terminated for c in self.containers) else "Succeeded"
-        self.set_condition("Ready", False, "PodCompleted")
+        self.set_terminal_conditions()
         self.report()
         self.agent.finalize_delete(self.ns, self.pod_name, self.uid)
         self.gone.wait(30)
 
+    def settle_container_states(self) -> None:
+        """The container states a kubelet reports for a pod it has terminated (its status manager's
+        ``TerminatePod``): a container waiting to restart shows its last run; one that never ran shows
+        ``ContainerStatusUnknown`` (exit 137) -- regular containers only once the pod has initialized,
+        init containers up to the last one that was attempted (else the first)."""
+        unknown = {
+            "exitCode": 137,
+            "reason": "ContainerStatusUnknown",
+            "message": "The container could not be located when the pod was terminated",
+        }
+
+        def settle(container: Container) -> None:
+            if container.terminated:
+                return
+            last = container.last_state.get("terminated")
+            container.state = {"terminated": dict(last or unknown)}
+            container.restart_at = None
+
+        def attempted(container: Container) -> bool:
+            return container.process is not None or bool(container.last_state)
+
+        if not self.init_containers or self.initialized or any(attempted(c) for c in self.containers):
+            for container in self.containers:
+                settle(container)
+        tried = [i for i, c in enumerate(self.init_containers) if attempted(c)]
+        for container in self.init_containers[: (tried[-1] if tried else 0) + 1]:
+            settle(container)
+
+    def set_terminal_conditions(self) -> None:
+        reason = "PodFailed" if self.phase == "Failed" else "PodCompleted"
+        self.set_condition("Ready", False, reason)
+        self.set_condition("ContainersReady", False, reason)
+
     # -- status
-    def set_waiting(self, reason: str, message: str) -> None:
+    def set_waiting(self, reason: str, message: str | None) -> None:
         for container in self.init_containers + self.containers:
             if container.process is None:
-                container.state = {"waiting": {"reason": reason, "message": message}}
+                waiting = {"reason": reason} if message is None else {"reason": reason, "message": message}
+                container.state = {"waiting": waiting}
 
-    def set_condition(self, kind: str, value: bool, reason: str | None = None) -> None:
+    def set_pending_conditions(self) -> None:
+        """The kubelet's conditions for a pod whose containers have not started (no sandbox yet)."""
+        self.set_condition("PodReadyToStartContainers", False)
+        if self.init_containers:
+            names = "[" + " ".join(c.name for c in self.init_containers) + "]"
+            self.set_condition(
+                "Initialized",
+                False,
+                "ContainersNotInitialized",
+                f"containers with incomplete status: {names}",
+            )
+        else:
+            self.set_condition("Initialized", True)
+        names = "[" + " ".join(c.name for c in self.containers) + "]"
+        for kind in ("Ready", "ContainersReady"):
+            self.set_condition(kind, False, "ContainersNotReady", f"containers with unready status: {names}")
+
+    def set_condition(
+        self, kind: str, value: bool, reason: str | None = None, message: str | None = None
+    ) -> None:
         status = "True" if value else "False"
         old = self.conditions.get(kind)
-        if old is not None and old["status"] == status and old.get("reason") == reason:
+        wanted = (status, reason, message)
+        if old is not None and (old["status"], old.get("reason"), old.get("message")) == wanted:
             return
         condition: dict[str, Any] = {
             "type": kind,
             "status": status,
             "lastProbeTime": None,
-            "lastTransitionTime": now(),
+            # as a kubelet: the transition time moves only when the status does
+            "lastTransitionTime": old["lastTransitionTime"] if old and old["status"] == status else now(),
         }
         if reason:
             condition["reason"] = reason
+        if message:
+            condition["message"] = message
         self.conditions[kind] = condition
 
     def report(self) -> None:
