@@ -30,9 +30,14 @@ Started by ``python -m e2e.cluster up`` (``python -m e2e.nodeagent --help``). Wh
   ran, as a kubelet does -- and the pod is deleted with grace 0). Status goes out as a strategic
   merge patch of ``pods/status``: conditions merge by ``type``, so the ``DisruptionTarget`` that
   the Eviction API sets stays.
-* **Controls** over HTTP on 127.0.0.1: ``POST /kill_pod/<ns>/<pod>``, ``POST /lose_node/<node>``
-  (heartbeats stop, processes are SIGKILLed, the node's pods freeze: a powered-off machine),
-  ``POST /restore_node/<node>``, ``GET /status``, ``GET /healthz``.
+* **Controls** over HTTP on 127.0.0.1 (client: ``e2e.cluster.AgentControl``):
+  ``POST /kill_pod/<ns>/<pod>`` (SIGKILL), ``POST /lose_node/<node>`` (heartbeats stop,
+  processes are SIGKILLed, the node's pods freeze: a powered-off machine),
+  ``POST /restore_node/<node>``, ``POST /pause_pod/<ns>/<pod>`` and ``/resume_pod/<ns>/<pod>``
+  (SIGSTOP/SIGCONT to each container's process group: a hang the API still shows as Running),
+  ``POST /hold_pods/<ns>?selector=k=v,...`` and ``/release_pods/<ns>?selector=...`` (matching
+  pods that have not started stay Pending with containers waiting in ``ContainerCreating``, as on
+  a kubelet slow to mount a volume, until released), ``GET /status``, ``GET /healthz``.
 
 Pods share the host's network namespace: a pod listening on ``0.0.0.0:<port>`` takes that port
 from every other pod (of every cluster on the machine); servers should bind ``$(POD_IP)``
@@ -68,6 +73,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
@@ -251,6 +257,35 @@ def pod_path(ns: str, name: str) -> str:
     return f"/api/v1/namespaces/{ns}/pods/{name}"
 
 
+def parse_selector(text: str) -> list[tuple[str, bool, str]]:
+    """A label selector of equality terms (``k=v``, ``k==v``, ``k!=v``, joined by commas) as
+    (key, equal, value) triples; raises ValueError on anything else (set-based terms included)."""
+    terms = []
+    for term in text.split(","):
+        term = term.strip()
+        match = re.fullmatch(r"([A-Za-z0-9._/-]+)\s*(==|=|!=)\s*([A-Za-z0-9._-]*)", term)
+        if match is None:
+            raise ValueError(
+                f"label selector {text!r}: term {term!r} is not key=value, key==value or key!=value"
+            )
+        terms.append((match.group(1), match.group(2) != "!=", match.group(3)))
+    return terms
+
+
+def selector_matches(terms: list[tuple[str, bool, str]], labels: dict[str, str]) -> bool:
+    """Kubernetes' meaning: ``k=v`` needs the label with that value, ``k!=v`` is true when it is absent."""
+    return all((labels.get(key) == value) is equal for key, equal, value in terms)
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state in ``/proc/<pid>/stat`` (``T``: stopped by a signal), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # env and volumes
 
@@ -291,6 +326,10 @@ def field_ref(pod: dict[str, Any], path: str, pod_ip: str, host_ip: str) -> str:
             return str(values.get(match.group(2), ""))
         return "\n".join(f'{k}="{v}"' for k, v in sorted(values.items()))
     raise ValueError(f"unsupported fieldRef {path!r}")
+
+
+class Conflict(Exception):
+    """A control that cannot apply to the pod as it is now (HTTP 409)."""
 
 
 class NotReadyYet(Exception):
@@ -501,11 +540,30 @@ class PodWorker(threading.Thread):
             return None
         return int(meta.get("deletionGracePeriodSeconds") or 0)
 
-    def signal_all(self, sig: int) -> None:
+    def signal_all(self, sig: int) -> list[int]:
+        """Send ``sig`` to the process group of every running container; returns their main pids.
+
+        A stopped (paused) process keeps a SIGTERM pending without acting on it; SIGKILL ends it."""
+        signalled = []
         for container in self.init_containers + self.containers:
             if container.running and container.process is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(container.process.pid, sig)
+                    signalled.append(container.process.pid)
+        return signalled
+
+    def paused_containers(self) -> list[str]:
+        """Containers whose main process is stopped by a signal (state ``T``): ``pause_pod``'s doing."""
+        return [
+            c.name
+            for c in self.init_containers + self.containers
+            if c.running and c.process is not None and process_state(c.process.pid) == "T"
+        ]
+
+    def held(self) -> bool:
+        """A hold matches this pod and none of its containers has started: it must not start yet."""
+        started = any(c.process is not None for c in self.init_containers + self.containers)
+        return not started and self.agent.hold_for(self.pod) is not None
 
     def lost(self) -> bool:
         return self.agent.nodes[self.node].lost
@@ -543,6 +601,12 @@ class PodWorker(threading.Thread):
                 return
             if not self.lost():
                 self.set_pending_conditions()
+                if self.held():
+                    # as a kubelet slow to mount a volume or pull an image shows it: no sandbox, no IP
+                    self.set_waiting(self.default_waiting, None)
+                    self.report()
+                    time.sleep(0.2)
+                    continue
                 try:
                     self.prepare()
                     self.prepared = True
@@ -1001,6 +1065,8 @@ class PodWorker(threading.Thread):
             "podIP": self.pod_ip,
             "dir": str(self.dir),
             "pids": {c.name: c.process.pid for c in self.containers if c.running and c.process},
+            "paused": self.paused_containers(),
+            "held": self.held(),
         }
 
 
@@ -1041,6 +1107,8 @@ class Agent:
         self.stopping = threading.Event()
         self.relist = threading.Event()
         self.hosts_dirty = threading.Event()
+        # (namespace, selector as given) -> its parsed terms: matching pods are not started (hold_pods)
+        self.holds: dict[tuple[str, str], list[tuple[str, bool, str]]] = {}
         self.namespaces_ok = self.probe_namespaces()
 
     # -- helpers used by pods
@@ -1599,9 +1667,76 @@ class Agent:
             worker.signal_all(signal.SIGKILL)
         return {"pod": f"{ns}/{name}", "killed": True, "node": workers[0].node}
 
+    def pod_workers(self, ns: str, name: str) -> list[PodWorker]:
+        with self.lock:
+            return [w for w in self.workers.values() if w.ns == ns and w.pod_name == name]
+
+    def pause_pod(self, ns: str, name: str) -> dict[str, Any] | None:
+        """SIGSTOP every container's process group and wait until the main processes are stopped."""
+        return self._stop_or_continue(ns, name, pause=True)
+
+    def resume_pod(self, ns: str, name: str) -> dict[str, Any] | None:
+        """SIGCONT every container's process group and wait until the main processes run again."""
+        return self._stop_or_continue(ns, name, pause=False)
+
+    def _stop_or_continue(self, ns: str, name: str, pause: bool) -> dict[str, Any] | None:
+        workers = [w for w in self.pod_workers(ns, name) if not w.lost()]
+        if not workers:
+            return None
+        sig = signal.SIGSTOP if pause else signal.SIGCONT
+        pids = [pid for worker in workers for pid in worker.signal_all(sig)]
+        if not pids:
+            raise Conflict(f"pod {ns}/{name} has no running process to {'pause' if pause else 'resume'}")
+        deadline = time.monotonic() + 5
+        while any((process_state(pid) == "T") is not pause for pid in pids if process_state(pid)):
+            if time.monotonic() > deadline:
+                states = {pid: process_state(pid) for pid in pids}
+                raise RuntimeError(
+                    f"pod {ns}/{name}: processes {states} did not {'stop' if pause else 'continue'}"
+                )
+            time.sleep(0.01)
+        LOG.info("pod %s/%s %s: pids %s", ns, name, "paused" if pause else "resumed", pids)
+        return {"pod": f"{ns}/{name}", "node": workers[0].node, "paused": pause, "pids": pids}
+
+    def hold_for(self, pod: dict[str, Any]) -> str | None:
+        """The selector of a hold that matches ``pod`` (None: the pod may start)."""
+        meta = pod["metadata"]
+        labels = meta.get("labels") or {}
+        with self.lock:
+            holds = list(self.holds.items())
+        for (ns, selector), terms in holds:
+            if ns == meta["namespace"] and selector_matches(terms, labels):
+                return selector
+        return None
+
+    def held_pods(self, ns: str, selector: str) -> list[str]:
+        with self.lock:
+            workers = list(self.workers.values())
+        return sorted(
+            w.pod_name for w in workers if w.ns == ns and w.held() and self.hold_for(w.pod) == selector
+        )
+
+    def hold_pods(self, ns: str, selector: str) -> dict[str, Any]:
+        """Keep matching pods of ``ns`` on this agent's nodes from starting (Pending, ContainerCreating)."""
+        terms = parse_selector(selector)
+        with self.lock:
+            self.holds[(ns, selector)] = terms
+        LOG.info("holding pods %s in %s", selector, ns)
+        return {"namespace": ns, "selector": selector, "held": self.held_pods(ns, selector)}
+
+    def release_pods(self, ns: str, selector: str) -> dict[str, Any] | None:
+        """Drop the hold ``hold_pods(ns, selector)`` placed (None if there is none); the pods start."""
+        held = self.held_pods(ns, selector)
+        with self.lock:
+            if self.holds.pop((ns, selector), None) is None:
+                return None
+        LOG.info("released pods %s in %s: %s", selector, ns, held)
+        return {"namespace": ns, "selector": selector, "released": held}
+
     def status(self) -> dict[str, Any]:
         with self.lock:
             workers = list(self.workers.values())
+            holds = list(self.holds)
         return {
             "nodes": {
                 n.name: {
@@ -1612,6 +1747,10 @@ class Agent:
                 for n in self.nodes.values()
             },
             "pods": [w.describe() for w in workers],
+            "holds": [
+                {"namespace": ns, "selector": selector, "held": self.held_pods(ns, selector)}
+                for ns, selector in holds
+            ],
             "mount_namespaces": self.namespaces_ok,
         }
 
@@ -1658,7 +1797,9 @@ def serve_controls(agent: Agent, port: int) -> ThreadingHTTPServer:
                 self.answer(404, {"error": f"no such resource {self.path}"})
 
         def do_POST(self) -> None:
-            parts = [p for p in self.path.split("/") if p]
+            url = urllib.parse.urlsplit(self.path)
+            parts = [urllib.parse.unquote(p) for p in url.path.split("/") if p]
+            query = urllib.parse.parse_qs(url.query)
             try:
                 if len(parts) == 2 and parts[0] in ("lose_node", "restore_node"):
                     if parts[1] not in agent.nodes:
@@ -1676,8 +1817,32 @@ def serve_controls(agent: Agent, port: int) -> ThreadingHTTPServer:
                         )
                     else:
                         self.answer(200, killed)
+                elif len(parts) == 3 and parts[0] in ("pause_pod", "resume_pod"):
+                    control = agent.pause_pod if parts[0] == "pause_pod" else agent.resume_pod
+                    result = control(parts[1], parts[2])
+                    if result is None:
+                        self.answer(
+                            404, {"error": f"pod {parts[1]}/{parts[2]} does not run on this agent's nodes"}
+                        )
+                    else:
+                        self.answer(200, result)
+                elif len(parts) == 2 and parts[0] in ("hold_pods", "release_pods"):
+                    selector = (query.get("selector") or [""])[0]
+                    if parts[0] == "hold_pods":
+                        self.answer(200, agent.hold_pods(parts[1], selector))
+                        return
+                    released = agent.release_pods(parts[1], selector)
+                    if released is None:
+                        holds = [f"{ns}: {sel}" for ns, sel in agent.holds]
+                        self.answer(404, {"error": f"no hold {selector!r} in {parts[1]}; holds: {holds}"})
+                    else:
+                        self.answer(200, released)
                 else:
                     self.answer(404, {"error": f"unknown control {self.path}"})
+            except ValueError as error:  # a malformed selector
+                self.answer(400, {"error": str(error)})
+            except Conflict as error:
+                self.answer(409, {"error": str(error)})
             except Exception as error:
                 LOG.exception("control %s failed", self.path)
                 self.answer(500, {"error": repr(error)})
