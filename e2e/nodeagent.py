@@ -1680,9 +1680,11 @@ class Agent:
         return self._stop_or_continue(ns, name, pause=False)
 
     def _stop_or_continue(self, ns: str, name: str, pause: bool) -> dict[str, Any] | None:
-        workers = [w for w in self.pod_workers(ns, name) if not w.lost()]
+        workers = self.pod_workers(ns, name)
         if not workers:
             return None
+        if any(w.lost() for w in workers):
+            raise Conflict(f"pod {ns}/{name} is on node {workers[0].node}, which is lost (powered off)")
         sig = signal.SIGSTOP if pause else signal.SIGCONT
         pids = [pid for worker in workers for pid in worker.signal_all(sig)]
         if not pids:
