@@ -9,6 +9,7 @@
   ``pause_pod(ns, name)``/``resume_pod(ns, name)``, ``hold_pods(ns, selector)``/
   ``release_pods(ns, selector)``, ``pod_log(ns, name, container=None)``, ``status()``; after each
   test lost nodes are restored, holds released and paused pods resumed.
+* ``e2e.cluster.control.evict_pod(kube, ns, name)``: the real Eviction API (not the agent).
 * ``wait_for(predicate, timeout, describe)``: polls until truthy, fails with a readable message.
 
 When a test fails, the tails of the component logs and of the test namespace's pod logs are

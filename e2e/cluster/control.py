@@ -423,6 +423,26 @@ def _segment(text: str) -> str:
     return urllib.parse.quote(text, safe="")
 
 
+def evict_pod(api_client: Any, namespace: str, name: str, grace_period_seconds: int | None = None) -> None:
+    """Evict a pod through the API server's Eviction subresource (``policy/v1``), as ``kubectl drain``
+    does: the API server checks PodDisruptionBudgets, sets the pod's ``DisruptionTarget`` condition
+    (reason ``EvictionByEvictionAPI``) and deletes it gracefully (its own grace period unless
+    ``grace_period_seconds`` is given). The node agent then terminates it like any deleted pod.
+
+    ``api_client``: a ``kubernetes.client.ApiClient`` (the ``kube`` fixture, the admin). A budget
+    that forbids the eviction raises ``kubernetes.client.ApiException`` with status 429."""
+    from kubernetes import client as k8s  # imported late: `status`/`down` work without it
+
+    body: dict[str, Any] = {
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": name, "namespace": namespace},
+    }
+    if grace_period_seconds is not None:
+        body["deleteOptions"] = {"gracePeriodSeconds": grace_period_seconds}
+    k8s.CoreV1Api(api_client).create_namespaced_pod_eviction(name, namespace, body)
+
+
 # ----------------------------------------------------------------------------------------------
 # up / down / status
 
