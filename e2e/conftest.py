@@ -6,7 +6,10 @@
 * ``kube``: a ``kubernetes.client.ApiClient`` for the admin (``O=system:masters``).
 * ``namespace``: a fresh namespace per test (its default ServiceAccount exists), deleted after.
 * ``node_agent``: ``kill_pod(ns, name)``, ``lose_node(name)``, ``restore_node(name)``,
-  ``pod_log(ns, name, container=None)``, ``status()``; lost nodes are restored after each test.
+  ``pause_pod(ns, name)``/``resume_pod(ns, name)``, ``hold_pods(ns, selector)``/
+  ``release_pods(ns, selector)``, ``pod_log(ns, name, container=None)``, ``status()``; after each
+  test lost nodes are restored, holds released and paused pods resumed.
+* ``e2e.cluster.control.evict_pod(kube, ns, name)``: the real Eviction API (not the agent).
 * ``wait_for(predicate, timeout, describe)``: polls until truthy, fails with a readable message.
 
 When a test fails, the tails of the component logs and of the test namespace's pod logs are
@@ -16,6 +19,7 @@ added to its report.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import uuid
@@ -25,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from e2e.cluster import AgentControl, Cluster, down, up, wait_for
+from e2e.cluster import AgentControl, Cluster, ClusterError, down, up, wait_for
 from e2e.cluster.control import REPO_ROOT, owned_by_another_process
 
 TEST_CLUSTER_DIR = REPO_ROOT / ".e2e-logs" / "cluster"
@@ -122,6 +126,11 @@ def node_agent(cluster: Cluster) -> Iterator[AgentControl]:
     yield agent
     for node in agent.lost_nodes():  # never leak a powered-off node into the next test
         agent.restore_node(node)
+    for hold in agent.holds():  # nor a hold, nor a stopped process
+        agent.release_pods(hold["namespace"], hold["selector"])
+    for namespace, name in agent.paused_pods():
+        with contextlib.suppress(ClusterError):  # it may have ended meanwhile
+            agent.resume_pod(namespace, name)
 
 
 @pytest.fixture(name="wait_for")

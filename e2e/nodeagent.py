@@ -26,10 +26,18 @@ Started by ``python -m e2e.cluster up`` (``python -m e2e.nodeagent --help``). Wh
 * **Status** is reported like a kubelet: Pending → Running (podIP, hostIP, containerStatuses
   with ``state.running.startedAt``, conditions) → Succeeded/Failed with exit code, reason and
   termination message; ``restartPolicy`` Never/OnFailure/Always; graceful deletion (SIGTERM,
-  grace period, SIGKILL, then delete with grace 0).
-* **Controls** over HTTP on 127.0.0.1: ``POST /kill_pod/<ns>/<pod>``, ``POST /lose_node/<node>``
-  (heartbeats stop, processes are SIGKILLed, the node's pods freeze: a powered-off machine),
-  ``POST /restore_node/<node>``, ``GET /status``, ``GET /healthz``.
+  grace period, SIGKILL, then a terminal phase is reported -- also for a pod deleted before it
+  ran, as a kubelet does -- and the pod is deleted with grace 0). Status goes out as a strategic
+  merge patch of ``pods/status``: conditions merge by ``type``, so the ``DisruptionTarget`` that
+  the Eviction API sets stays.
+* **Controls** over HTTP on 127.0.0.1 (client: ``e2e.cluster.AgentControl``):
+  ``POST /kill_pod/<ns>/<pod>`` (SIGKILL), ``POST /lose_node/<node>`` (heartbeats stop,
+  processes are SIGKILLed, the node's pods freeze: a powered-off machine),
+  ``POST /restore_node/<node>``, ``POST /pause_pod/<ns>/<pod>`` and ``/resume_pod/<ns>/<pod>``
+  (SIGSTOP/SIGCONT to each container's process group: a hang the API still shows as Running),
+  ``POST /hold_pods/<ns>?selector=k=v,...`` and ``/release_pods/<ns>?selector=...`` (matching
+  pods that have not started stay Pending with containers waiting in ``ContainerCreating``, as on
+  a kubelet slow to mount a volume, until released), ``GET /status``, ``GET /healthz``.
 
 Pods share the host's network namespace: a pod listening on ``0.0.0.0:<port>`` takes that port
 from every other pod (of every cluster on the machine); servers should bind ``$(POD_IP)``
@@ -65,6 +73,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
@@ -250,6 +259,35 @@ def pod_path(ns: str, name: str) -> str:
     return f"/api/v1/namespaces/{ns}/pods/{name}"
 
 
+def parse_selector(text: str) -> list[tuple[str, bool, str]]:
+    """A label selector of equality terms (``k=v``, ``k==v``, ``k!=v``, joined by commas) as
+    (key, equal, value) triples; raises ValueError on anything else (set-based terms included)."""
+    terms = []
+    for term in text.split(","):
+        term = term.strip()
+        match = re.fullmatch(r"([A-Za-z0-9._/-]+)\s*(==|=|!=)\s*([A-Za-z0-9._-]*)", term)
+        if match is None:
+            raise ValueError(
+                f"label selector {text!r}: term {term!r} is not key=value, key==value or key!=value"
+            )
+        terms.append((match.group(1), match.group(2) != "!=", match.group(3)))
+    return terms
+
+
+def selector_matches(terms: list[tuple[str, bool, str]], labels: dict[str, str]) -> bool:
+    """Kubernetes' meaning: ``k=v`` needs the label with that value, ``k!=v`` is true when it is absent."""
+    return all((labels.get(key) == value) is equal for key, equal, value in terms)
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state in ``/proc/<pid>/stat`` (``T``: stopped by a signal), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # env and volumes
 
@@ -290,6 +328,10 @@ def field_ref(pod: dict[str, Any], path: str, pod_ip: str, host_ip: str) -> str:
             return str(values.get(match.group(2), ""))
         return "\n".join(f'{k}="{v}"' for k, v in sorted(values.items()))
     raise ValueError(f"unsupported fieldRef {path!r}")
+
+
+class Conflict(Exception):
+    """A control that cannot apply to the pod as it is now (HTTP 409)."""
 
 
 class NotReadyYet(Exception):
@@ -410,14 +452,14 @@ def mount_script(
 class Container:
     """One container's process and its reported state."""
 
-    def __init__(self, spec: dict[str, Any], init: bool) -> None:
+    def __init__(self, spec: dict[str, Any], init: bool, waiting_reason: str = "ContainerCreating") -> None:
         self.spec = spec
         self.name: str = spec["name"]
         self.init = init
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at: str | None = None
         self.restart_count = 0
-        self.state: dict[str, Any] = {"waiting": {"reason": "ContainerCreating"}}
+        self.state: dict[str, Any] = {"waiting": {"reason": waiting_reason}}
         self.last_state: dict[str, Any] = {}
         self.restart_at: float | None = None  # monotonic time of a pending restart (back-off)
         self.started_mono = 0.0
@@ -468,8 +510,11 @@ class PodWorker(threading.Thread):
         self.node: str = pod["spec"]["nodeName"]
         self.dir = agent.state_dir / "pods" / self.ns / self.pod_name / self.uid
         self.restart_policy: str = pod["spec"].get("restartPolicy", "Always")
-        self.init_containers = [Container(c, True) for c in pod["spec"].get("initContainers") or []]
-        self.containers = [Container(c, False) for c in pod["spec"]["containers"]]
+        # a kubelet's default waiting reason for every container of a pod that has init containers
+        init_specs = pod["spec"].get("initContainers") or []
+        self.default_waiting = "PodInitializing" if init_specs else "ContainerCreating"
+        self.init_containers = [Container(c, True, self.default_waiting) for c in init_specs]
+        self.containers = [Container(c, False, self.default_waiting) for c in pod["spec"]["containers"]]
         self.pod_ip = ""
         self.host_ip = agent.nodes[self.node].ip
         self.hostname = (pod["spec"].get("hostname") or self.pod_name)[:63]
@@ -497,11 +542,30 @@ class PodWorker(threading.Thread):
             return None
         return int(meta.get("deletionGracePeriodSeconds") or 0)
 
-    def signal_all(self, sig: int) -> None:
+    def signal_all(self, sig: int) -> list[int]:
+        """Send ``sig`` to the process group of every running container; returns their main pids.
+
+        A stopped (paused) process keeps a SIGTERM pending without acting on it; SIGKILL ends it."""
+        signalled = []
         for container in self.init_containers + self.containers:
             if container.running and container.process is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(container.process.pid, sig)
+                    signalled.append(container.process.pid)
+        return signalled
+
+    def paused_containers(self) -> list[str]:
+        """Containers whose main process is stopped by a signal (state ``T``): ``pause_pod``'s doing."""
+        return [
+            c.name
+            for c in self.init_containers + self.containers
+            if c.running and c.process is not None and process_state(c.process.pid) == "T"
+        ]
+
+    def held(self) -> bool:
+        """A hold matches this pod and none of its containers has started: it must not start yet."""
+        started = any(c.process is not None for c in self.init_containers + self.containers)
+        return not started and self.agent.hold_for(self.pod) is not None
 
     def lost(self) -> bool:
         return self.agent.nodes[self.node].lost
@@ -538,6 +602,13 @@ class PodWorker(threading.Thread):
                 self.finish_deletion()
                 return
             if not self.lost():
+                self.set_pending_conditions()
+                if self.held():
+                    # as a kubelet slow to mount a volume or pull an image shows it: no sandbox, no IP
+                    self.set_waiting(self.default_waiting, None)
+                    self.report()
+                    time.sleep(0.2)
+                    continue
                 try:
                     self.prepare()
                     self.prepared = True
@@ -603,13 +674,13 @@ class PodWorker(threading.Thread):
         if all(c.terminated and c.restart_at is None for c in self.containers):
             failed = any(c.terminated and c.terminated["exitCode"] != 0 for c in self.containers)
             self.phase = "Failed" if failed else "Succeeded"
-            self.set_condition("Ready", False, "PodCompleted")
-            self.set_condition("ContainersReady", False, "PodCompleted")
+            self.set_terminal_conditions()
         else:
             self.phase = "Running"
-            ready = all(c.ready for c in self.containers)
-            self.set_condition("Ready", ready, None if ready else "ContainersNotReady")
-            self.set_condition("ContainersReady", ready, None if ready else "ContainersNotReady")
+            unready = [c.name for c in self.containers if not c.ready]
+            message = f"containers with unready status: [{' '.join(unready)}]" if unready else None
+            for kind in ("Ready", "ContainersReady"):
+                self.set_condition(kind, not unready, "ContainersNotReady" if unready else None, message)
 
     def advance(self, container: Container) -> bool:
         """Drive one container; True once it has terminated for good (no restart coming)."""
@@ -868,33 +939,92 @@ class PodWorker(threading.Thread):
                     self.record_exit(container, code, allow_restart=False)
         if self.lost():
             return  # a node that lost power mid-deletion reports nothing; after restore the pod is re-handled
-        if self.phase not in ("Succeeded", "Failed") and self.prepared:
+        self.settle_container_states()
+        if self.phase not in ("Succeeded", "Failed"):
+            # a kubelet gives every pod it terminates a terminal phase, also one whose containers never ran
             failed = any(c.terminated and c.terminated["exitCode"] != 0 for c in self.containers)
             self.phase = "Failed" if failed or not all(c.terminated for c in self.containers) else "Succeeded"
-        self.set_condition("Ready", False, "PodCompleted")
+        self.set_terminal_conditions()
         self.report()
         self.agent.finalize_delete(self.ns, self.pod_name, self.uid)
         self.gone.wait(30)
 
+    def settle_container_states(self) -> None:
+        """The container states a kubelet reports for a pod it has terminated (its status manager's
+        ``TerminatePod``): a container waiting to restart shows its last run; one that never ran shows
+        ``ContainerStatusUnknown`` (exit 137) -- regular containers only once the pod has initialized,
+        init containers up to the last one that was attempted (else the first)."""
+        unknown = {
+            "exitCode": 137,
+            "reason": "ContainerStatusUnknown",
+            "message": "The container could not be located when the pod was terminated",
+        }
+
+        def settle(container: Container) -> None:
+            if container.terminated:
+                return
+            last = container.last_state.get("terminated")
+            container.state = {"terminated": dict(last or unknown)}
+            container.restart_at = None
+
+        def attempted(container: Container) -> bool:
+            return container.process is not None or bool(container.last_state)
+
+        if not self.init_containers or self.initialized or any(attempted(c) for c in self.containers):
+            for container in self.containers:
+                settle(container)
+        tried = [i for i, c in enumerate(self.init_containers) if attempted(c)]
+        for container in self.init_containers[: (tried[-1] if tried else 0) + 1]:
+            settle(container)
+
+    def set_terminal_conditions(self) -> None:
+        reason = "PodFailed" if self.phase == "Failed" else "PodCompleted"
+        self.set_condition("Ready", False, reason)
+        self.set_condition("ContainersReady", False, reason)
+
     # -- status
-    def set_waiting(self, reason: str, message: str) -> None:
+    def set_waiting(self, reason: str, message: str | None) -> None:
         for container in self.init_containers + self.containers:
             if container.process is None:
-                container.state = {"waiting": {"reason": reason, "message": message}}
+                waiting = {"reason": reason} if message is None else {"reason": reason, "message": message}
+                container.state = {"waiting": waiting}
 
-    def set_condition(self, kind: str, value: bool, reason: str | None = None) -> None:
+    def set_pending_conditions(self) -> None:
+        """The kubelet's conditions for a pod whose containers have not started (no sandbox yet)."""
+        self.set_condition("PodReadyToStartContainers", False)
+        if self.init_containers:
+            names = "[" + " ".join(c.name for c in self.init_containers) + "]"
+            self.set_condition(
+                "Initialized",
+                False,
+                "ContainersNotInitialized",
+                f"containers with incomplete status: {names}",
+            )
+        else:
+            self.set_condition("Initialized", True)
+        names = "[" + " ".join(c.name for c in self.containers) + "]"
+        for kind in ("Ready", "ContainersReady"):
+            self.set_condition(kind, False, "ContainersNotReady", f"containers with unready status: {names}")
+
+    def set_condition(
+        self, kind: str, value: bool, reason: str | None = None, message: str | None = None
+    ) -> None:
         status = "True" if value else "False"
         old = self.conditions.get(kind)
-        if old is not None and old["status"] == status and old.get("reason") == reason:
+        wanted = (status, reason, message)
+        if old is not None and (old["status"], old.get("reason"), old.get("message")) == wanted:
             return
         condition: dict[str, Any] = {
             "type": kind,
             "status": status,
             "lastProbeTime": None,
-            "lastTransitionTime": now(),
+            # as a kubelet: the transition time moves only when the status does
+            "lastTransitionTime": old["lastTransitionTime"] if old and old["status"] == status else now(),
         }
         if reason:
             condition["reason"] = reason
+        if message:
+            condition["message"] = message
         self.conditions[kind] = condition
 
     def report(self) -> None:
@@ -937,6 +1067,8 @@ class PodWorker(threading.Thread):
             "podIP": self.pod_ip,
             "dir": str(self.dir),
             "pids": {c.name: c.process.pid for c in self.containers if c.running and c.process},
+            "paused": self.paused_containers(),
+            "held": self.held(),
         }
 
 
@@ -977,6 +1109,8 @@ class Agent:
         self.stopping = threading.Event()
         self.relist = threading.Event()
         self.hosts_dirty = threading.Event()
+        # (namespace, selector as given) -> its parsed terms: matching pods are not started (hold_pods)
+        self.holds: dict[tuple[str, str], list[tuple[str, bool, str]]] = {}
         self.namespaces_ok = self.probe_namespaces()
 
     # -- helpers used by pods
@@ -1539,9 +1673,78 @@ class Agent:
             worker.signal_all(signal.SIGKILL)
         return {"pod": f"{ns}/{name}", "killed": True, "node": workers[0].node}
 
+    def pod_workers(self, ns: str, name: str) -> list[PodWorker]:
+        with self.lock:
+            return [w for w in self.workers.values() if w.ns == ns and w.pod_name == name]
+
+    def pause_pod(self, ns: str, name: str) -> dict[str, Any] | None:
+        """SIGSTOP every container's process group and wait until the main processes are stopped."""
+        return self._stop_or_continue(ns, name, pause=True)
+
+    def resume_pod(self, ns: str, name: str) -> dict[str, Any] | None:
+        """SIGCONT every container's process group and wait until the main processes run again."""
+        return self._stop_or_continue(ns, name, pause=False)
+
+    def _stop_or_continue(self, ns: str, name: str, pause: bool) -> dict[str, Any] | None:
+        workers = self.pod_workers(ns, name)
+        if not workers:
+            return None
+        if any(w.lost() for w in workers):
+            raise Conflict(f"pod {ns}/{name} is on node {workers[0].node}, which is lost (powered off)")
+        sig = signal.SIGSTOP if pause else signal.SIGCONT
+        pids = [pid for worker in workers for pid in worker.signal_all(sig)]
+        if not pids:
+            raise Conflict(f"pod {ns}/{name} has no running process to {'pause' if pause else 'resume'}")
+        deadline = time.monotonic() + 5
+        while any((process_state(pid) == "T") is not pause for pid in pids if process_state(pid)):
+            if time.monotonic() > deadline:
+                states = {pid: process_state(pid) for pid in pids}
+                raise RuntimeError(
+                    f"pod {ns}/{name}: processes {states} did not {'stop' if pause else 'continue'}"
+                )
+            time.sleep(0.01)
+        LOG.info("pod %s/%s %s: pids %s", ns, name, "paused" if pause else "resumed", pids)
+        return {"pod": f"{ns}/{name}", "node": workers[0].node, "paused": pause, "pids": pids}
+
+    def hold_for(self, pod: dict[str, Any]) -> str | None:
+        """The selector of a hold that matches ``pod`` (None: the pod may start)."""
+        meta = pod["metadata"]
+        labels = meta.get("labels") or {}
+        with self.lock:
+            holds = list(self.holds.items())
+        for (ns, selector), terms in holds:
+            if ns == meta["namespace"] and selector_matches(terms, labels):
+                return selector
+        return None
+
+    def held_pods(self, ns: str, selector: str) -> list[str]:
+        with self.lock:
+            workers = list(self.workers.values())
+        return sorted(
+            w.pod_name for w in workers if w.ns == ns and w.held() and self.hold_for(w.pod) == selector
+        )
+
+    def hold_pods(self, ns: str, selector: str) -> dict[str, Any]:
+        """Keep matching pods of ``ns`` on this agent's nodes from starting (Pending, ContainerCreating)."""
+        terms = parse_selector(selector)
+        with self.lock:
+            self.holds[(ns, selector)] = terms
+        LOG.info("holding pods %s in %s", selector, ns)
+        return {"namespace": ns, "selector": selector, "held": self.held_pods(ns, selector)}
+
+    def release_pods(self, ns: str, selector: str) -> dict[str, Any] | None:
+        """Drop the hold ``hold_pods(ns, selector)`` placed (None if there is none); the pods start."""
+        held = self.held_pods(ns, selector)
+        with self.lock:
+            if self.holds.pop((ns, selector), None) is None:
+                return None
+        LOG.info("released pods %s in %s: %s", selector, ns, held)
+        return {"namespace": ns, "selector": selector, "released": held}
+
     def status(self) -> dict[str, Any]:
         with self.lock:
             workers = list(self.workers.values())
+            holds = list(self.holds)
         return {
             "nodes": {
                 n.name: {
@@ -1552,6 +1755,10 @@ class Agent:
                 for n in self.nodes.values()
             },
             "pods": [w.describe() for w in workers],
+            "holds": [
+                {"namespace": ns, "selector": selector, "held": self.held_pods(ns, selector)}
+                for ns, selector in holds
+            ],
             "mount_namespaces": self.namespaces_ok,
         }
 
@@ -1598,7 +1805,9 @@ def serve_controls(agent: Agent, port: int) -> ThreadingHTTPServer:
                 self.answer(404, {"error": f"no such resource {self.path}"})
 
         def do_POST(self) -> None:
-            parts = [p for p in self.path.split("/") if p]
+            url = urllib.parse.urlsplit(self.path)
+            parts = [urllib.parse.unquote(p) for p in url.path.split("/") if p]
+            query = urllib.parse.parse_qs(url.query)
             try:
                 if len(parts) == 2 and parts[0] in ("lose_node", "restore_node"):
                     if parts[1] not in agent.nodes:
@@ -1616,8 +1825,32 @@ def serve_controls(agent: Agent, port: int) -> ThreadingHTTPServer:
                         )
                     else:
                         self.answer(200, killed)
+                elif len(parts) == 3 and parts[0] in ("pause_pod", "resume_pod"):
+                    control = agent.pause_pod if parts[0] == "pause_pod" else agent.resume_pod
+                    result = control(parts[1], parts[2])
+                    if result is None:
+                        self.answer(
+                            404, {"error": f"pod {parts[1]}/{parts[2]} does not run on this agent's nodes"}
+                        )
+                    else:
+                        self.answer(200, result)
+                elif len(parts) == 2 and parts[0] in ("hold_pods", "release_pods"):
+                    selector = (query.get("selector") or [""])[0]
+                    if parts[0] == "hold_pods":
+                        self.answer(200, agent.hold_pods(parts[1], selector))
+                        return
+                    released = agent.release_pods(parts[1], selector)
+                    if released is None:
+                        holds = [f"{ns}: {sel}" for ns, sel in agent.holds]
+                        self.answer(404, {"error": f"no hold {selector!r} in {parts[1]}; holds: {holds}"})
+                    else:
+                        self.answer(200, released)
                 else:
                     self.answer(404, {"error": f"unknown control {self.path}"})
+            except ValueError as error:  # a malformed selector
+                self.answer(400, {"error": str(error)})
+            except Conflict as error:
+                self.answer(409, {"error": str(error)})
             except Exception as error:
                 LOG.exception("control %s failed", self.path)
                 self.answer(500, {"error": repr(error)})

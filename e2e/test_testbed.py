@@ -14,10 +14,19 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
+from kubernetes import watch as k8s_watch
 
 from e2e.cluster import AgentControl
-from e2e.cluster.control import AlreadyRunning, binaries_dir, free_ports, up
-from e2e.nodeagent import STAGE_CANDIDATES, choose_stage, keep_image_visible, mount_script
+from e2e.cluster.control import AlreadyRunning, binaries_dir, evict_pod, free_ports, up
+from e2e.nodeagent import (
+    STAGE_CANDIDATES,
+    choose_stage,
+    keep_image_visible,
+    mount_script,
+    parse_selector,
+    process_state,
+    selector_matches,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -295,6 +304,244 @@ def test_kill_pod_reports_137_and_deletion_is_graceful(
     assert "got SIGTERM, saving" in cluster.pod_log(namespace, "graceful")
 
 
+def watch_until_deleted(core: k8s.CoreV1Api, ns: str, name: str, since: str, timeout: int = 60) -> list[Any]:
+    """Every version of the pod from resourceVersion ``since`` until it is deleted (the last one is
+    the object as the API server removed it); fails if it is not deleted within ``timeout`` s."""
+    seen = []
+    stream = k8s_watch.Watch().stream(
+        core.list_namespaced_pod,
+        ns,
+        field_selector=f"metadata.name={name}",
+        resource_version=since,
+        timeout_seconds=timeout,
+    )
+    for event in stream:
+        seen.append(event["object"])
+        if event["type"] == "DELETED":
+            return seen
+    phases = [p.status.phase for p in seen]
+    raise AssertionError(f"pod {ns}/{name} not deleted within {timeout} s; phases seen: {phases}")
+
+
+def conditions_of(pod: Any) -> dict[str, Any]:
+    return {c.type: c for c in pod.status.conditions or []}
+
+
+def test_a_paused_pod_stays_running_resumes_and_dies_by_sigkill_when_deleted(
+    kube, namespace, wait_for, node_agent: AgentControl, cluster
+):
+    core = k8s.CoreV1Api(kube)
+    # ticks every 0.1 s; on SIGTERM it says so and exits 0
+    script = """
+        import signal, sys, time
+        def stop(*_):
+            print("got SIGTERM", flush=True); sys.exit(0)
+        signal.signal(signal.SIGTERM, stop)
+        while True:
+            print("tick", flush=True); time.sleep(0.1)
+    """
+    core.create_namespaced_pod(namespace, pod_manifest("hang", script))
+    wait_for(lambda: phase_is(core, namespace, "hang", "Running"), 30, describe_pod(core, namespace, "hang"))
+
+    def ticks() -> int:
+        return cluster.pod_log(namespace, "hang").count("tick")
+
+    wait_for(lambda: ticks() >= 3, 20, "pod 'hang' to tick")
+    paused = node_agent.pause_pod(namespace, "hang")
+    (pid,) = paused["pids"]
+    assert process_state(pid) == "T"
+    before = ticks()
+    time.sleep(1.5)
+    assert ticks() == before, "a stopped process must not make progress"
+    pod = core.read_namespaced_pod("hang", namespace)
+    status = pod.status.container_statuses[0]
+    assert (pod.status.phase, bool(status.state.running), status.ready) == ("Running", True, True)
+    agent_view = [p for p in node_agent.status()["pods"] if p["namespace"] == namespace]
+    assert [(p["name"], p["paused"]) for p in agent_view] == [("hang", ["main"])]
+
+    node_agent.resume_pod(namespace, "hang")
+    assert process_state(pid) not in ("T", None)
+    wait_for(lambda: ticks() > before + 3, 10, "pod 'hang' to tick again after resume_pod")
+
+    node_agent.pause_pod(namespace, "hang")
+    since = core.read_namespaced_pod("hang", namespace).metadata.resource_version
+    started = time.monotonic()
+    core.delete_namespaced_pod("hang", namespace, grace_period_seconds=3)
+    seen = watch_until_deleted(core, namespace, "hang", since, timeout=30)
+    elapsed = time.monotonic() - started
+    # SIGTERM stays pending on a stopped process: it is SIGKILLed when the grace period ends
+    assert 3 <= elapsed < 15, f"deleted after {elapsed:.1f} s; grace period 3 s"
+    assert "got SIGTERM" not in cluster.pod_log(namespace, "hang")
+    last = seen[-1]
+    terminated = last.status.container_statuses[0].state.terminated
+    assert (last.status.phase, terminated.exit_code) == ("Failed", 137)
+    assert process_state(pid) is None
+
+
+def test_a_held_pod_stays_pending_until_released_and_a_deleted_one_fails_at_once(
+    kube, namespace, wait_for, node_agent: AgentControl, cluster
+):
+    core = k8s.CoreV1Api(kube)
+    selector = "relaunch.dev/role=plan"
+    held = node_agent.hold_pods(namespace, selector)
+    assert held == {"namespace": namespace, "selector": selector, "held": []}
+    plan = {"labels": {"relaunch.dev/role": "plan"}}
+    core.create_namespaced_pod(namespace, pod_manifest("planner", "print('planned')", metadata=plan))
+    core.create_namespaced_pod(namespace, pod_manifest("doomed", "print('ran')", metadata=plan))
+    core.create_namespaced_pod(
+        namespace,
+        pod_manifest("other", "print('not held')", metadata={"labels": {"relaunch.dev/role": "train"}}),
+    )
+    # the hold is selective: a pod it does not match runs meanwhile
+    pod = wait_for(
+        lambda: phase_is(core, namespace, "other", "Succeeded"), 30, describe_pod(core, namespace, "other")
+    )
+
+    def held_like_a_slow_kubelet(name: str) -> Any:
+        pod = core.read_namespaced_pod(name, namespace)
+        conditions = conditions_of(pod)
+        statuses = pod.status.container_statuses or []
+        waiting = statuses and statuses[0].state.waiting
+        return (
+            pod.spec.node_name
+            and pod.status.phase == "Pending"
+            and conditions.get("PodScheduled") is not None
+            and conditions["PodScheduled"].status == "True"
+            and waiting
+            and waiting.reason == "ContainerCreating"
+            and pod
+        )
+
+    for name in ("planner", "doomed"):
+        wait_for(lambda n=name: held_like_a_slow_kubelet(n), 30, describe_pod(core, namespace, name))
+    time.sleep(2)  # held, not merely slow: nothing changes while the hold stays
+    pod = held_like_a_slow_kubelet("planner")
+    assert pod, describe_pod(core, namespace, "planner")()
+    assert pod.status.pod_ip is None and pod.status.container_statuses[0].state.running is None
+    conditions = conditions_of(pod)
+    assert (conditions["PodReadyToStartContainers"].status, conditions["Ready"].status) == ("False", "False")
+    assert cluster.pod_log(namespace, "planner") == ""
+    holds = [h for h in node_agent.holds() if h["namespace"] == namespace]
+    assert holds == [{"namespace": namespace, "selector": selector, "held": ["doomed", "planner"]}]
+
+    # deleted while held: terminated at once (its 30 s grace period is not waited out), phase Failed
+    since = core.read_namespaced_pod("doomed", namespace).metadata.resource_version
+    started = time.monotonic()
+    core.delete_namespaced_pod("doomed", namespace)
+    last = watch_until_deleted(core, namespace, "doomed", since, timeout=30)[-1]
+    assert time.monotonic() - started < 10
+    terminated = last.status.container_statuses[0].state.terminated
+    assert last.status.phase == "Failed"
+    assert (terminated.reason, terminated.exit_code) == ("ContainerStatusUnknown", 137)
+    assert cluster.pod_log(namespace, "doomed") == ""
+
+    released = node_agent.release_pods(namespace, selector)
+    assert released == {"namespace": namespace, "selector": selector, "released": ["planner"]}
+    pod = wait_for(
+        lambda: phase_is(core, namespace, "planner", "Succeeded", "Failed"),
+        30,
+        describe_pod(core, namespace, "planner"),
+    )
+    assert pod.status.phase == "Succeeded"
+    assert "planned" in cluster.pod_log(namespace, "planner")
+    assert [h for h in node_agent.holds() if h["namespace"] == namespace] == []
+
+
+def test_an_evicted_running_pod_ends_failed_with_disruption_target_then_disappears(
+    kube, namespace, wait_for, cluster
+):
+    core = k8s.CoreV1Api(kube)
+    core.create_namespaced_pod(
+        namespace,
+        pod_manifest("evictee", "print('up', flush=True); import time; time.sleep(600)"),
+    )
+    wait_for(
+        lambda: phase_is(core, namespace, "evictee", "Running"), 30, describe_pod(core, namespace, "evictee")
+    )
+    wait_for(lambda: "up" in cluster.pod_log(namespace, "evictee"), 20, "pod 'evictee' to print 'up'")
+    since = core.read_namespaced_pod("evictee", namespace).metadata.resource_version
+    evict_pod(kube, namespace, "evictee", grace_period_seconds=5)
+    seen = watch_until_deleted(core, namespace, "evictee", since, timeout=30)
+    last = seen[-1]
+    # what a kubelet reports: the container ended by the SIGTERM (128 + 15), phase Failed
+    terminated = last.status.container_statuses[0].state.terminated
+    assert (last.status.phase, terminated.exit_code, terminated.reason) == ("Failed", 143, "Error")
+    # the API server's condition survived the agent's status patches (they merge conditions by type)
+    disruption = conditions_of(last).get("DisruptionTarget")
+    assert disruption is not None, conditions_of(last)
+    assert (disruption.status, disruption.reason) == ("True", "EvictionByEvictionAPI")
+    assert conditions_of(last)["Ready"].status == "False"
+    # the phase was Failed before the object went away, not only in the deletion event
+    assert any(p.status.phase == "Failed" for p in seen[:-1]), [p.status.phase for p in seen]
+
+
+def test_a_job_replaces_an_evicted_pod_when_its_failure_policy_ignores_disruptions(
+    kube, namespace, wait_for, tmp_path
+):
+    batch, core = k8s.BatchV1Api(kube), k8s.CoreV1Api(kube)
+    # the first pod marks the shared host folder and runs until evicted; a replacement finds the mark
+    script = """
+        import os, time
+        if os.path.exists("/marks/first"):
+            print("replacement done"); raise SystemExit(0)
+        open("/marks/first", "w").close()
+        time.sleep(600)
+    """
+    template = pod_manifest(
+        "unused",
+        script,
+        container={"volumeMounts": [{"name": "marks", "mountPath": "/marks"}]},
+        volumes=[{"name": "marks", "hostPath": {"path": str(tmp_path), "type": "Directory"}}],
+        terminationGracePeriodSeconds=5,
+    )
+    job = {
+        "metadata": {"name": "evicted"},
+        "spec": {
+            "backoffLimit": 0,
+            "podFailurePolicy": {
+                "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+            },
+            "template": {"spec": template["spec"]},
+        },
+    }
+    batch.create_namespaced_job(namespace, job)
+
+    def job_pods() -> list[Any]:
+        return core.list_namespaced_pod(namespace, label_selector="job-name=evicted").items
+
+    first = wait_for(
+        lambda: [p for p in job_pods() if p.status.phase == "Running"],
+        30,
+        lambda: f"the Job's pod Running: {[(p.metadata.name, p.status.phase) for p in job_pods()]}",
+    )[0]
+    wait_for(lambda: (tmp_path / "first").exists(), 20, "the first pod to leave its mark")
+    evict_pod(kube, namespace, first.metadata.name)
+    # The Ignore rule keeps the failure out of backoffLimit (and status.failed), but the replacement
+    # still waits out the Job controller's pod-failure back-off (10 s after the container finished,
+    # doubling with each consecutive failure): it is not immediate.
+
+    def complete() -> Any:
+        status = batch.read_namespaced_job("evicted", namespace).status
+        done = {c.type: c.status for c in status.conditions or []}
+        return (done.get("Complete") == "True" or done.get("Failed") == "True") and status
+
+    status = wait_for(
+        complete,
+        60,
+        lambda: f"Job evicted to finish: {batch.read_namespaced_job('evicted', namespace).status}",
+    )
+    conditions = {c.type: (c.status, c.reason) for c in status.conditions}
+    assert conditions.get("Complete", ("", ""))[0] == "True", conditions
+    assert (status.succeeded, status.failed or 0) == (1, 0), status
+    # the evicted pod is removed once the Job controller has accounted for it (its finalizer)
+    pods = wait_for(
+        lambda: (pods := job_pods()) and first.metadata.uid not in {p.metadata.uid for p in pods} and pods,
+        20,
+        lambda: f"the evicted pod gone: {[(p.metadata.name, p.status.phase) for p in job_pods()]}",
+    )
+    assert [p.status.phase for p in pods] == ["Succeeded"]
+
+
 def test_deployment_pod_is_rescheduled_after_lose_node(kube, namespace, wait_for, node_agent: AgentControl):
     core, apps = k8s.CoreV1Api(kube), k8s.AppsV1Api(kube)
     template = pod_manifest("unused", "import time; time.sleep(600)")
@@ -565,6 +812,18 @@ def test_choose_stage_avoids_folders_a_mount_covers():
     assert choose_stage(["/run/", "/data"], candidates) == Path("/var/lib/a-stage")
     with pytest.raises(ValueError, match="lies under one of the mountPaths"):
         choose_stage(["/run", "/var/lib/a-stage"], candidates)
+
+
+def test_hold_selectors_are_kubernetes_equality_terms():
+    terms = parse_selector("relaunch.dev/role=plan, tier!=cpu")
+    assert selector_matches(terms, {"relaunch.dev/role": "plan"})
+    assert selector_matches(terms, {"relaunch.dev/role": "plan", "tier": "gpu"})
+    assert not selector_matches(terms, {"relaunch.dev/role": "plan", "tier": "cpu"})
+    assert not selector_matches(terms, {"relaunch.dev/role": "train"})
+    assert selector_matches(parse_selector("a==b"), {"a": "b"})
+    for unsupported in ("", "role in (plan)", "!role", "role"):  # set-based terms: refused, not ignored
+        with pytest.raises(ValueError, match="is not key=value"):
+            parse_selector(unsupported)
 
 
 def test_a_read_only_pod_with_tmp_and_state_dir_covered_reports_its_termination_message(

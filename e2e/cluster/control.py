@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -322,7 +323,11 @@ class Cluster:
 
 
 class AgentControl:
-    """Client of the node agent's control API (``POST /lose_node/<name>`` and friends)."""
+    """Client of the node agent's control API (``POST /lose_node/<name>`` and friends).
+
+    Each control acts as the machine under a kubelet would: processes are signalled, the API server
+    learns only what the agent reports, and the real controllers react to that. A pod or node the
+    agent does not run raises ``ClusterError`` (404)."""
 
     def __init__(self, url: str, cluster: Cluster | None = None) -> None:
         self.url = url
@@ -362,6 +367,49 @@ class AgentControl:
         result: dict[str, Any] = self._call("POST", f"/restore_node/{name}")
         return result
 
+    def pause_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        """SIGSTOP every process of the pod's containers (each container's process group), a hang.
+
+        Returns once the processes are stopped (``/proc/<pid>/stat`` state ``T``; ``pids`` in the
+        answer). The pod stays Running in the API; no probe, timer or signal handler of its own runs.
+        Deleting it still works: the SIGTERM stays pending, so it dies by SIGKILL at the end of its
+        grace period, as on a kubelet. ``ClusterError`` (409) if no process of the pod runs."""
+        result: dict[str, Any] = self._call("POST", f"/pause_pod/{_segment(namespace)}/{_segment(name)}")
+        return result
+
+    def resume_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        """SIGCONT what ``pause_pod`` stopped; returns once the processes run again."""
+        result: dict[str, Any] = self._call("POST", f"/resume_pod/{_segment(namespace)}/{_segment(name)}")
+        return result
+
+    def hold_pods(self, namespace: str, selector: str) -> dict[str, Any]:
+        """Do not start pods of ``namespace`` matching the label ``selector`` (``k=v``, ``k!=v``,
+        joined by commas) until ``release_pods`` with the same selector.
+
+        Held pods are bound (PodScheduled True) but stay Pending: containers waiting with reason
+        ``ContainerCreating``, no pod IP, ``PodReadyToStartContainers`` False -- a kubelet slow to
+        mount a volume or pull an image. Pods already started are not affected; a held pod that is
+        deleted terminates at once and reports phase Failed, as a kubelet does. Answers the names of
+        the pods held right now (``held``)."""
+        query = urllib.parse.urlencode({"selector": selector})
+        result: dict[str, Any] = self._call("POST", f"/hold_pods/{_segment(namespace)}?{query}")
+        return result
+
+    def release_pods(self, namespace: str, selector: str) -> dict[str, Any]:
+        """Drop the hold placed with this exact ``selector``: its pods start (``released``: their names)."""
+        query = urllib.parse.urlencode({"selector": selector})
+        result: dict[str, Any] = self._call("POST", f"/release_pods/{_segment(namespace)}?{query}")
+        return result
+
+    def holds(self) -> list[dict[str, Any]]:
+        """The holds in force: ``{"namespace", "selector", "held": [pod names]}`` each."""
+        result: list[dict[str, Any]] = self.status()["holds"]
+        return result
+
+    def paused_pods(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every pod with a container stopped by ``pause_pod``."""
+        return [(p["namespace"], p["name"]) for p in self.status()["pods"] if p.get("paused")]
+
     def lost_nodes(self) -> list[str]:
         return [n for n, info in self.status()["nodes"].items() if info["lost"]]
 
@@ -369,6 +417,30 @@ class AgentControl:
         if self.cluster is None:
             raise ClusterError("pod logs need the cluster's state directory")
         return self.cluster.pod_log(namespace, name, container)
+
+
+def _segment(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+def evict_pod(api_client: Any, namespace: str, name: str, grace_period_seconds: int | None = None) -> None:
+    """Evict a pod through the API server's Eviction subresource (``policy/v1``), as ``kubectl drain``
+    does: the API server checks PodDisruptionBudgets, sets the pod's ``DisruptionTarget`` condition
+    (reason ``EvictionByEvictionAPI``) and deletes it gracefully (its own grace period unless
+    ``grace_period_seconds`` is given). The node agent then terminates it like any deleted pod.
+
+    ``api_client``: a ``kubernetes.client.ApiClient`` (the ``kube`` fixture, the admin). A budget
+    that forbids the eviction raises ``kubernetes.client.ApiException`` with status 429."""
+    from kubernetes import client as k8s  # imported late: `status`/`down` work without it
+
+    body: dict[str, Any] = {
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": name, "namespace": namespace},
+    }
+    if grace_period_seconds is not None:
+        body["deleteOptions"] = {"gracePeriodSeconds": grace_period_seconds}
+    k8s.CoreV1Api(api_client).create_namespaced_pod_eviction(name, namespace, body)
 
 
 # ----------------------------------------------------------------------------------------------
