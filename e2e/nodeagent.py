@@ -520,6 +520,9 @@ class PodWorker(threading.Thread):
         self.hostname = (pod["spec"].get("hostname") or self.pod_name)[:63]
         self.phase = "Pending"
         self.start_time = now()
+        self.started = time.monotonic()  # for spec.activeDeadlineSeconds, counted from startTime
+        self.reason: str | None = None  # status.reason / status.message of a pod the agent failed
+        self.message: str | None = None
         self.conditions: dict[str, dict[str, Any]] = {}
         self.volumes: dict[str, Path] = {}
         self.gone = threading.Event()  # the Pod object no longer exists
@@ -602,6 +605,14 @@ class PodWorker(threading.Thread):
                 self.finish_deletion()
                 return
             if not self.lost():
+                if self.past_active_deadline():
+                    self.fail_active_deadline()
+                    while not self.gone.is_set():  # a failed pod is still deleted gracefully
+                        if self.deletion_grace is not None and not self.lost():
+                            self.finish_deletion()
+                            return
+                        time.sleep(0.1)
+                    return
                 self.set_pending_conditions()
                 if self.held():
                     # as a kubelet slow to mount a volume or pull an image shows it: no sandbox, no IP
@@ -641,9 +652,33 @@ class PodWorker(threading.Thread):
             if self.kill_requested.is_set():
                 self.kill_requested.clear()
                 self.signal_all(signal.SIGKILL)
+            if self.phase not in ("Succeeded", "Failed") and self.past_active_deadline():
+                self.fail_active_deadline()
             self.step()
             self.report()
             time.sleep(0.1)
+
+    def past_active_deadline(self) -> bool:
+        deadline = self.pod["spec"].get("activeDeadlineSeconds")
+        return deadline is not None and time.monotonic() - self.started >= int(deadline)
+
+    def fail_active_deadline(self) -> None:
+        """A pod active on the node past ``activeDeadlineSeconds`` (counted from its startTime,
+        held or pending included): the kubelet kills it and fails it with reason DeadlineExceeded."""
+        procs = [c for c in self.init_containers + self.containers if c.running]
+        self.signal_all(signal.SIGKILL)
+        for container in procs:
+            if container.process is not None:
+                code = container.process.wait()
+                if "running" in container.state:
+                    self.record_exit(container, code, allow_restart=False)
+        self.settle_container_states()
+        self.phase = "Failed"
+        self.reason = "DeadlineExceeded"
+        self.message = "Pod was active on the node longer than the specified deadline"
+        self.set_terminal_conditions()
+        self.report()
+        LOG.info("pod %s/%s: active deadline exceeded, killed", self.ns, self.pod_name)
 
     def prepare(self) -> None:
         """Materialise every volume (raises NotReadyYet while a referenced object is missing)."""
@@ -1040,6 +1075,9 @@ class PodWorker(threading.Thread):
         }
         if self.init_containers:
             status["initContainerStatuses"] = [c.status(self.uid) for c in self.init_containers]
+        if self.reason:
+            status["reason"] = self.reason
+            status["message"] = self.message
         if self.prepared:
             status["podIP"] = self.pod_ip
             status["podIPs"] = [{"ip": self.pod_ip}]

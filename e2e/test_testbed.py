@@ -942,3 +942,49 @@ def test_helm_assumes_the_testbeds_kubernetes_version(tmp_path):
     assert 'kube: "v1.37.0"' in rendered.stdout
     version = subprocess.run([helm, "version", "--short"], capture_output=True, text=True, timeout=60)
     assert version.stdout.startswith("v3.22.0"), version.stdout
+
+
+def test_a_pod_past_its_active_deadline_is_killed_with_reason_deadline_exceeded(
+    kube, namespace, wait_for, node_agent: AgentControl
+):
+    """spec.activeDeadlineSeconds counts from the pod's start on the node, as the kubelet counts
+    it: a running pod and one held before its containers start both end Failed, DeadlineExceeded."""
+    core = k8s.CoreV1Api(kube)
+    selector = "relaunch.dev/role=slow"
+    node_agent.hold_pods(namespace, selector)
+    try:
+        core.create_namespaced_pod(
+            namespace, pod_manifest("runs", "import time; time.sleep(600)", activeDeadlineSeconds=2)
+        )
+        held = pod_manifest(
+            "held",
+            "print('never')",
+            activeDeadlineSeconds=2,
+            metadata={"labels": {"relaunch.dev/role": "slow"}},
+        )
+        core.create_namespaced_pod(namespace, held)
+        core.create_namespaced_pod(
+            namespace, pod_manifest("quick", "print('done')", activeDeadlineSeconds=30)
+        )
+        for name in ("runs", "held"):
+            pod = wait_for(
+                lambda n=name: phase_is(core, namespace, n, "Failed"), 30, describe_pod(core, namespace, name)
+            )
+            assert pod.status.reason == "DeadlineExceeded", pod.status
+            assert "longer than the specified deadline" in pod.status.message
+            terminated = pod.status.container_statuses[0].state.terminated
+            assert terminated is not None and terminated.exit_code == 137, pod.status
+        wait_for(
+            lambda: phase_is(core, namespace, "quick", "Succeeded"),
+            30,
+            describe_pod(core, namespace, "quick"),
+        )
+        # a failed pod is still deleted like any other
+        core.delete_namespaced_pod("held", namespace)
+        wait_for(
+            lambda: not [p for p in core.list_namespaced_pod(namespace).items if p.metadata.name == "held"],
+            30,
+            "held deleted",
+        )
+    finally:
+        node_agent.release_pods(namespace, selector)
