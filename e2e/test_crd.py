@@ -53,6 +53,16 @@ def api(kube: Any) -> Kube:
         ({"recovery": {"maxRestarts": -1}}, "spec.recovery.maxRestarts", "greater than or equal to 0"),
         ({"recovery": {"permanentExitCodes": [0]}}, "spec.recovery.permanentExitCodes[0]", "greater than"),
         ({"template": {"spec": {"containers": []}}}, "spec.template.spec.containers", "at least 1"),
+        (
+            {"recovery": {"backoff": {"initialSeconds": 600}}},
+            "spec.recovery.backoff",
+            "initialSeconds must be <= spec.recovery.backoff.maxSeconds",
+        ),
+        (
+            {"recovery": {"deadlines": {"startingSeconds": 0}}},
+            "spec.recovery.deadlines.startingSeconds",
+            "greater than or equal to 1",
+        ),
     ],
 )
 def test_malformed_trainingjob_is_rejected_naming_the_field(
@@ -73,6 +83,17 @@ def test_long_name_is_rejected(api: Kube, namespace: str) -> None:
     assert status == 422 and "at most 40 characters" in payload["message"], payload
 
 
+@pytest.mark.parametrize("name", ["job.v2", "2nd-run"])
+def test_a_name_that_cannot_name_a_service_and_hostnames_is_rejected(
+    api: Kube, namespace: str, name: str
+) -> None:
+    status, payload = api.request(
+        "POST", trainingjob_path(namespace), query={"dryRun": "All"}, body=body(name)
+    )
+    assert status == 422, payload
+    assert "must be a DNS-1035 label" in payload["message"] and "no dots" in payload["message"], payload
+
+
 def test_defaults_are_filled_in(api: Kube, namespace: str) -> None:
     status, payload = api.request("POST", trainingjob_path(namespace), query={"dryRun": "All"}, body=body())
     assert status == 201, payload
@@ -89,6 +110,12 @@ def test_defaults_are_filled_in(api: Kube, namespace: str) -> None:
         "backoff": {"initialSeconds": 10, "maxSeconds": 300},
         "nodeLossGraceSeconds": 30,
         "permanentExitCodes": [2],
+        "deadlines": {
+            "stoppingSeconds": 300,
+            "planningSeconds": 600,
+            "convertingSeconds": 3600,
+            "startingSeconds": 600,
+        },
     }
 
 

@@ -427,3 +427,40 @@ def test_event_names_are_stable_per_job_and_text() -> None:
     assert one != event_name(REF, "Warning", "CreateRefused", "other")
     assert one.startswith("demo.")
     assert HelperJobView("x", exit_code=1, message="boom").killed is False
+
+
+# ----------------------------------------------------------------------------------------------
+# The reason a plan is asked for
+
+
+def test_a_spec_edit_that_leaves_config_and_template_alone_is_a_plain_restart() -> None:
+    from relaunch.controller.planning import RelaunchPlanner
+
+    sim = Sim()
+    sim.start_running()
+    for name in list(sim.pods):
+        sim.pods[name] = PodView(**{**sim.pods[name].__dict__, "phase": "Failed", "exit_code": 2})
+    sim.step()
+    assert sim.status["phase"] == "Failed"
+    sim.spec_body = make_spec(recovery={"maxRestarts": 9, "backoff": {"initialSeconds": 0}})
+    sim.generation = 2
+    sim.step()
+    sim.finish_deletions()
+    sim.step()
+    assert sim.planner.commands[-1]["reason"] == "SpecChanged"
+    command = RelaunchPlanner().plan_command(parse_spec(sim.spec_body), **sim.planner.commands[-1])
+    assert command[command.index("--reason") + 1] == "Start"  # not "incremental training"
+
+    sim.finish_job("demo-plan-2", plan("fresh"))
+    sim.step()
+    sim.run_all()
+    sim.step()
+    for name in [n for n in sim.pods if n.startswith("demo-2-")]:
+        sim.pods[name] = PodView(**{**sim.pods[name].__dict__, "phase": "Succeeded", "exit_code": 0})
+    sim.step()
+    sim.config_text = "output_dir: /shared/output\nrunner_config: {epochs: 6}\n"
+    sim.generation = 3
+    sim.step()
+    sim.finish_deletions()
+    sim.step()
+    assert sim.planner.commands[-1]["reason"] == "ConfigChanged"

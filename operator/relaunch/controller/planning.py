@@ -19,7 +19,10 @@ _PLAN_REASON = {
     "Created": "Start",
     "ReplicasChanged": "Resize",
     "ConfigChanged": "ConfigChange",
-    "SpecChanged": "ConfigChange",
+    # A finished job whose spec was edited without touching the config or the template (e.g. a
+    # higher maxRestarts): it simply starts again from the latest checkpoint. An edit that does
+    # change them reaches the planner as ConfigChanged.
+    "SpecChanged": "Start",
     "Shrink": "Resize",
 }
 

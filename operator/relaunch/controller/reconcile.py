@@ -970,6 +970,11 @@ def _helper(
     elif job.waiting_reason in NOT_STARTING_REASONS:
         awaiting = f"the {what} pod {pod} cannot start: {job.waiting_reason}: {job.waiting_message or ''}"
         r.notice("HelperNotStarting", f"{rec['reason']}: {awaiting}".rstrip(": "))
+    elif job.pod is None:
+        awaiting = (
+            f"{what} Job {name} has no pod yet (`kubectl describe job/{name}` says why when this lasts: "
+            "a ResourceQuota or an admission webhook may refuse it)"
+        )
     else:
         awaiting = f"{what} Job {name} has not finished"
     r.past_deadline(rec, awaiting)
@@ -980,11 +985,16 @@ def _helper(
 def _planning(r: _Round, rec: dict[str, Any]) -> bool:
     target = int(rec["attempt"])
     if not rec.get("plan"):
+        reason = rec["reason"]
+        if reason == "SpecChanged" and r.status.get("configHash") != r.spec.restart_hash(
+            r.observed.config_text
+        ):
+            reason = "ConfigChanged"  # the edit changed what the workers run: incremental training
 
         def build(try_: int) -> dict[str, Any]:
             command = r.planner.plan_command(
                 r.spec,
-                reason=rec["reason"],
+                reason=reason,
                 world_size=int(rec["replicas"]) * r.spec.ranks_per_worker,
                 previous_world_size=rec.get("fromWorldSize"),
                 last_conversion=r.status.get("lastConversion"),
