@@ -589,6 +589,11 @@ def test_v2_iteration_without_the_metadata_json_earlier_iterations_have_is_incom
     result = scan(tmp_path)
     assert result.choice is not None and result.choice.step == 100
     assert result.rejected[0].reason.startswith("metadata.json missing, though earlier iterations")
+    # Died earlier still: the optimizer shards unfinished too. The optimizer is what is named.
+    trees.unfinished_v2_save(tmp_path, 2, 300, on_disk=("model",), with_metadata=False)
+    result = scan(tmp_path)
+    assert result.choice is not None and result.choice.step == 100
+    assert result.rejected[0].reason.startswith("optimizer shards missing on every rank (earlier iterations")
 
 
 def test_v2_kinds_the_job_never_saved_are_not_required(tmp_path: Path) -> None:

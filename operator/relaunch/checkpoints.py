@@ -1268,20 +1268,21 @@ def _check_iteration(
         if absent:
             return _named_but_absent(absent, worlds)
     else:
-        if _METADATA in earlier:
-            return (
-                "metadata.json missing, though earlier iterations of this world size have it: the save "
-                "did not finish (MindFormers writes it after common.json)"
-            )
         files = {n for n in names if n.endswith(".safetensors")}
         if not files:
             return "no metadata.json and no safetensors files"
     world = max(worlds) if worlds else (ranks or 1)
     if len(worlds) > 1:
         return f"shard names disagree on the world size: {sorted(worlds)}"
-    for kind in _SHARD_KINDS:
+    # The optimizer first: a loader that finds the weights would silently start it from zero.
+    for kind in sorted(_SHARD_KINDS, key=lambda k: k != "opt"):
         if kind in earlier and not present[kind]:
             return _unfinished(kind, range(world), world, "earlier iterations have them")
+    if _METADATA in earlier and _METADATA not in names:
+        return (
+            "metadata.json missing, though earlier iterations of this world size have it: the save "
+            "did not finish (MindFormers writes it after common.json)"
+        )
     if _METADATA not in names and worlds:
         for kind, got in present.items():
             if got:
