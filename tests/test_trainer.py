@@ -745,6 +745,14 @@ def test_checkpoint_2_no_load_optim_loads_weights_only_and_empty_root_starts_fre
     assert sorted(curve) == list(range(1, 9))  # starts over at step 1 ...
     assert curve[1] < curve_values(reference["curve"])[1]  # ... but with the trained weights
 
+    # An iteration whose optimizer shards are gone cannot be resumed: exit 3, naming the file.
+    for shard in iteration.glob("*-opt-*.safetensors"):
+        os.chmod(shard, 0o600)
+        shard.unlink()
+    broken = make_config(tmp_path / "empty", "broken.yaml", checkpoint={"load_path": str(iteration)})
+    assert run(broken, 4) == [3, 3, 3, 3], logs(broken)
+    assert "demo-opt-0000000-0000004.safetensors: missing (named by metadata.json)" in logs(broken)
+
 
 def test_runs_as_a_script_with_config_from_environment(tmp_path: Path) -> None:
     config = make_config(
