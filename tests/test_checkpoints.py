@@ -596,6 +596,19 @@ def test_v2_iteration_without_the_metadata_json_earlier_iterations_have_is_incom
     assert result.rejected[0].reason.startswith("optimizer shards missing on every rank (earlier iterations")
 
 
+def test_v2_iteration_saved_again_by_another_world_size_is_what_its_metadata_names(tmp_path: Path) -> None:
+    """A 4-rank job saved iteration 200 and died; resized to 2 ranks it resumed from 100 and saved
+    200 again into the same directory (MindFormers keeps the directory): the 4-rank files left there
+    are not part of it."""
+    trees.build_v2(tmp_path, 4, [100, 200])
+    for path in (tmp_path / "iteration_00000200").glob("*.json"):
+        path.unlink()
+    trees.build_v2(tmp_path, 2, [200])
+    result = scan(tmp_path)
+    assert result.choice is not None and result.choice.step == 200 and result.ranks == 2
+    assert len(result.choice.parts) == 4 and all("-0000002.safetensors" in p for p in result.choice.parts)
+
+
 def test_v2_kinds_the_job_never_saved_are_not_required(tmp_path: Path) -> None:
     # A job that does not save its optimizer (no_save_optim): model shards only, every iteration.
     trees.build_v2(tmp_path / "no-optim", 2, [100, 200], kinds=("model",))

@@ -1239,17 +1239,7 @@ def _check_iteration(
         return common.reason
     if not isinstance(common, dict):
         return "common.json is not a JSON object"
-    # The shard files present, by kind and rank.
-    present: dict[str, dict[int, str]] = {kind: {} for kind in _SHARD_KINDS}
-    worlds: set[int] = set()
-    prefixes: set[str] = set()
-    for name in names:
-        match = _V2_FILE_RE.match(name)
-        if match:
-            present[match["kind"]][int(match["rank"])] = name
-            worlds.add(int(match["world"]))
-            prefixes.add(match["prefix"])
-    files: set[str]
+    files: set[str]  # what the iteration consists of: what metadata.json names, else every shard
     if _METADATA in names:
         metadata = _read_iteration_json(directory, _METADATA)
         if isinstance(metadata, _Problem):
@@ -1264,13 +1254,24 @@ def _check_iteration(
                 if not isinstance(file_name, str) or "/" in file_name or not file_name:
                     return "metadata.json storage_data holds an entry without a plain file_name"
                 files.add(file_name)
-        absent = sorted(f for f in files if f not in names)
-        if absent:
-            return _named_but_absent(absent, worlds)
     else:
         files = {n for n in names if n.endswith(".safetensors")}
         if not files:
             return "no metadata.json and no safetensors files"
+    # Its shards by kind and rank. (Files metadata.json does not name, e.g. those of an earlier
+    # save of this iteration by another world size, are not part of it.)
+    present: dict[str, dict[int, str]] = {kind: {} for kind in _SHARD_KINDS}
+    worlds: set[int] = set()
+    prefixes: set[str] = set()
+    for name in files:
+        match = _V2_FILE_RE.match(name)
+        if match:
+            present[match["kind"]][int(match["rank"])] = name
+            worlds.add(int(match["world"]))
+            prefixes.add(match["prefix"])
+    absent = sorted(f for f in files if f not in names)
+    if absent:
+        return _named_but_absent(absent, worlds)
     world = max(worlds) if worlds else (ranks or 1)
     if len(worlds) > 1:
         return f"shard names disagree on the world size: {sorted(worlds)}"
@@ -1327,7 +1328,6 @@ def _named_but_absent(absent: Sequence[str], worlds: set[int]) -> str:
         match = _V2_FILE_RE.match(name)
         if match:
             by_kind.setdefault(match["kind"], {})[int(match["rank"])] = name
-            worlds = worlds | {int(match["world"])}
         else:
             other.append(name)
     world = max(worlds) if worlds else 1
