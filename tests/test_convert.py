@@ -521,6 +521,8 @@ def test_killed_conversion_is_never_mistaken_for_a_finished_one(tmp_path: Path) 
         process = subprocess.Popen([sys.executable, "-c", CLI, *argv], stdout=subprocess.PIPE, text=True)
         assert process.stdout is not None
         first = json.loads(process.stdout.readline())  # staging exists, workers start
+        while first["event"] == "waiting":  # the killed run's workers still hold the lock a moment
+            first = json.loads(process.stdout.readline())
         for _ in range(rng.randrange(first["total"])):  # a random point of the copy or verify phase
             process.stdout.readline()
         time.sleep(rng.uniform(0.0, 0.02))
