@@ -844,3 +844,114 @@ def test_no_finalizer_so_deleting_a_job_needs_no_operator(
         30,
         lambda: f"legacy-running without finalizer and served:\n{jobs.describe('legacy-running')}",
     )
+
+
+CHECKPOINT_2_SECTION = """
+checkpoint:  # Checkpoint 2.0 (MindFormers 2.1): iteration_<n>/ directories
+  load_path: ''
+  no_load_optim: False
+  save_max: 4
+  save_interleaved_steps: 5
+"""
+
+
+def tracked_iteration(shared: Path) -> int:
+    """The iteration ``latest_checkpointed_iteration.txt`` names (0 before the first save)."""
+    try:
+        return int((shared / "output" / "checkpoint" / "latest_checkpointed_iteration.txt").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def all_losses(shared: Path) -> list[dict[str, Any]]:
+    """Every line of the trainer's loss log, repeated steps included."""
+    path = shared / "output" / "loss.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_checkpoint_2_job_resumes_a_killed_worker_then_resizes_without_conversion(
+    jobs: Jobs, operator: OperatorProcess, node_agent: Any, wait_for: WaitFor, shared: Path, api: Kube
+) -> None:
+    """A job saving Checkpoint 2.0: (a) a worker is killed while the newest iteration's optimizer
+    shards are missing (an unfinished save): the gang resumes from the iteration before it, and the
+    Planned Event says why; (e) then spec.replicas 4 -> 2: the gang restarts on 2 workers from the
+    newest iteration, which it loads at the new world size from its metadata.json, as MindFormers
+    does (no conversion Job); not counted as a failure."""
+    config = trainer_config(data_parallel=4, step_delay_seconds=0.4) + CHECKPOINT_2_SECTION
+    jobs.create(trainingjob("ckpt2", shared, config, replicas=4))
+    wait_running(jobs, wait_for, "ckpt2", 1, 60)
+    root = shared / "output" / "checkpoint"
+
+    # Right after iteration 10 (or 15) is tracked, well before the next save: remove its
+    # optimizer shards and metadata.json, as a job that died during an asynchronous save leaves it
+    # (common.json and the model shards written, the rest not yet), and kill a worker. Trusting
+    # common.json, the gang would resume without optimizer state, or fail to load the shards.
+    newest = wait_for(
+        lambda: (
+            10 <= (t := tracked_iteration(shared)) <= 15
+            and newest_global_step(shared) in (t + 1, t + 2)
+            and t
+        ),
+        90,
+        "iteration 10 or 15 tracked, the training 1-2 steps past it",
+        interval=0.05,
+    )
+    for unfinished in (root / f"iteration_{newest:08d}").glob("*-opt-*.safetensors"):
+        unfinished.unlink()
+    (root / f"iteration_{newest:08d}" / "metadata.json").unlink()
+    node_agent.kill_pod(jobs.namespace, "ckpt2-1-1")
+
+    status = wait_running(jobs, wait_for, "ckpt2", 2, 60)
+    assert status["restarts"] == 1 and status["lastFailure"]["reason"] == "WorkerFailed"
+    assert status["checkpoint"]["kind"] == "iteration" and status["checkpoint"]["step"] == newest - 5
+    planned = wait_for(
+        lambda: (
+            (ev := [e["message"] for e in jobs.events("ckpt2") if e["reason"] == "Planned"])
+            and len(ev) >= 2
+            and ev[-1]
+        ),
+        30,
+        lambda: f"two Planned events:\n{jobs.describe('ckpt2')}",
+    )
+    assert f"iteration {newest - 5}" in planned, planned
+    assert f"iteration {newest}: optimizer shards missing on every rank" in planned, planned
+    rendered = api.get(f"{collection_path('ConfigMap', jobs.namespace)}/ckpt2-config-2")["data"]["train.yaml"]
+    resumed_config = yaml.safe_load(rendered)["checkpoint"]
+    assert resumed_config["load_path"] == f"/shared/output/checkpoint/iteration_{newest - 5:08d}"
+    assert resumed_config["no_load_optim"] is False
+
+    # Attempt 2 saves a newer iteration at 4 ranks; then the job is resized to 2 workers.
+    wait_for(lambda: tracked_iteration(shared) > newest, 60, f"an iteration newer than {newest} tracked")
+    jobs.merge_patch("ckpt2", {"spec": {"replicas": 2}})
+    status = wait_for(
+        lambda: jobs.all_running("ckpt2") and (s := jobs.status("ckpt2")).get("workers") == 2 and s,
+        90,
+        lambda: f"the job resized to 2 running workers:\n{jobs.describe('ckpt2')}",
+    )
+    assert status["worldSize"] == 2 and status["restarts"] == 1
+    entry = status["recoveries"][-1]
+    assert entry["reason"] == "ReplicasChanged" and entry["counted"] is False
+    assert entry["converted"] is False and "Converting" not in entry["seconds"]
+    assert not [j for j in jobs.jobs("ckpt2") if "convert" in j["metadata"]["name"]]
+    resized_from = status["checkpoint"]["step"]
+    assert resized_from > newest and (root / f"iteration_{resized_from:08d}" / "metadata.json").exists()
+    rendered = api.get(f"{collection_path('ConfigMap', jobs.namespace)}/ckpt2-config-{status['attempt']}")
+    document = yaml.safe_load(rendered["data"]["train.yaml"])
+    assert document["checkpoint"]["load_path"] == f"/shared/output/checkpoint/iteration_{resized_from:08d}"
+    assert document["parallel_config"]["data_parallel"] == 2
+
+    wait_phase(jobs, wait_for, "ckpt2", "Succeeded", 120)
+    losses = all_losses(shared)
+    curve = loss_curve(shared)
+    assert sorted(curve) == list(range(1, 31))
+    # Attempt 2 repeated the steps after iteration newest - 5 at the same world size: bit for bit.
+    first = {e["global_step"]: e["loss_hex"] for e in losses if e["attempt"] == 1}
+    again = {e["global_step"]: e["loss_hex"] for e in losses if e["attempt"] == 2}
+    assert min(again) == newest - 5 + 1
+    repeated = sorted(set(first) & set(again))
+    assert repeated and all(first[g] == again[g] for g in repeated), repeated
+    after_resize = [e for e in losses if e["attempt"] == status["attempt"]]
+    assert after_resize and all(e["world"] == 2 for e in after_resize)
+    assert min(e["global_step"] for e in after_resize) == resized_from + 1
+    # The 2-rank run saved 2-rank iterations next to the 4-rank ones.
+    assert (root / "iteration_00000030" / "demo-model-0000001-0000002.safetensors").exists()

@@ -499,7 +499,8 @@ def test_v2_newest_intact_iteration(tmp_path: Path) -> None:
     result = scan(tmp_path)
     assert result.choice is not None and result.choice.step == 100
     assert [r.step for r in result.rejected] == [300, 200]
-    assert "corrupt" in result.rejected[0].reason and "missing file" in result.rejected[1].reason
+    assert "corrupt" in result.rejected[0].reason
+    assert "model shards missing on rank 0 (metadata.json names them" in result.rejected[1].reason
 
 
 def test_v2_metadata_and_tracker_problems(tmp_path: Path) -> None:
@@ -540,7 +541,89 @@ def test_v2_without_metadata_needs_every_ranks_shards(tmp_path: Path) -> None:
     written = trees.build_v2(tmp_path, 2, [100], with_metadata=False)
     assert scan(tmp_path).choice.step == 100  # type: ignore[union-attr]
     os.remove(written[100][2])  # rank 1's model shard
-    assert "model shards missing for ranks 1" in scan(tmp_path).rejected[0].reason
+    assert "model shards missing on rank 1 (no metadata.json names them)" in scan(tmp_path).rejected[0].reason
+
+
+def test_v2_iteration_whose_optimizer_write_did_not_finish_is_incomplete(tmp_path: Path) -> None:
+    """MindFormers 2.1 with async_save died after common.json and metadata.json, while the optimizer
+    shards were still being written: metadata.json names them, so the iteration is incomplete."""
+    trees.build_v2(tmp_path, 2, [100, 200])
+    trees.unfinished_v2_save(tmp_path, 2, 300, on_disk=("model",))
+    result = scan(tmp_path)
+    assert result.choice is not None and result.choice.step == 200
+    assert [r.step for r in result.rejected] == [300]
+    reason = result.rejected[0].reason
+    assert reason.startswith("optimizer shards missing on every rank (metadata.json names them, e.g. ")
+    assert "qwen-opt-0000000-0000002.safetensors" in reason
+    assert "the save did not finish; resuming here would drop the optimizer state" in reason
+
+
+@pytest.mark.parametrize(
+    ("world", "with_metadata"),
+    [(1, False), (2, False)],
+    ids=["one-rank job (no metadata.json)", "died before metadata.json"],
+)
+def test_v2_iteration_lacking_the_optimizer_shards_earlier_iterations_have_is_incomplete(
+    tmp_path: Path, world: int, with_metadata: bool
+) -> None:
+    """Without a metadata.json naming the shards, the earlier iterations say what the job saves."""
+    trees.build_v2(tmp_path, world, [100, 200], with_metadata=with_metadata)
+    trees.unfinished_v2_save(tmp_path, world, 300, on_disk=("model",), with_metadata=with_metadata)
+    result = scan(tmp_path)
+    assert result.choice is not None and result.choice.step == 200
+    assert [r.step for r in result.rejected] == [300]
+    assert result.rejected[0].reason == (
+        "optimizer shards missing on every rank (earlier iterations have them): the save did not finish; "
+        "resuming here would drop the optimizer state"
+    )
+    # Pinned, it is refused for the same reason.
+    pinned = scan(tmp_path, resume="iteration_00000300")
+    assert pinned.choice is None and pinned.pinned_error is not None
+    assert "optimizer shards missing" in pinned.pinned_error
+
+
+def test_v2_iteration_without_the_metadata_json_earlier_iterations_have_is_incomplete(tmp_path: Path) -> None:
+    trees.build_v2(tmp_path, 2, [100])
+    # Every shard is on disk, but the process died between common.json and metadata.json.
+    trees.unfinished_v2_save(tmp_path, 2, 200, on_disk=("model", "opt"), with_metadata=False)
+    result = scan(tmp_path)
+    assert result.choice is not None and result.choice.step == 100
+    assert result.rejected[0].reason.startswith("metadata.json missing, though earlier iterations")
+    # Died earlier still: the optimizer shards unfinished too. The optimizer is what is named.
+    trees.unfinished_v2_save(tmp_path, 2, 300, on_disk=("model",), with_metadata=False)
+    result = scan(tmp_path)
+    assert result.choice is not None and result.choice.step == 100
+    assert result.rejected[0].reason.startswith("optimizer shards missing on every rank (earlier iterations")
+
+
+def test_v2_iteration_saved_again_by_another_world_size_is_what_its_metadata_names(tmp_path: Path) -> None:
+    """A 4-rank job saved iteration 200 and died; resized to 2 ranks it resumed from 100 and saved
+    200 again into the same directory (MindFormers keeps the directory): the 4-rank files left there
+    are not part of it."""
+    trees.build_v2(tmp_path, 4, [100, 200])
+    for path in (tmp_path / "iteration_00000200").glob("*.json"):
+        path.unlink()
+    trees.build_v2(tmp_path, 2, [200])
+    result = scan(tmp_path)
+    assert result.choice is not None and result.choice.step == 200 and result.ranks == 2
+    assert len(result.choice.parts) == 4 and all("-0000002.safetensors" in p for p in result.choice.parts)
+
+
+def test_v2_kinds_the_job_never_saved_are_not_required(tmp_path: Path) -> None:
+    # A job that does not save its optimizer (no_save_optim): model shards only, every iteration.
+    trees.build_v2(tmp_path / "no-optim", 2, [100, 200], kinds=("model",))
+    assert scan(tmp_path / "no-optim").choice.step == 200  # type: ignore[union-attr]
+    # Resized to one rank: MindFormers writes no metadata.json for it; the 2-rank iterations'
+    # metadata.json does not make the 1-rank ones incomplete.
+    resized = tmp_path / "resized"
+    trees.build_v2(resized, 2, [100, 200])
+    trees.build_v2(resized, 1, [300], with_metadata=False)
+    result = scan(resized)
+    assert result.choice is not None and result.choice.step == 300 and result.ranks == 1
+    # The first iteration of a tree has no earlier one: only metadata.json can tell.
+    first = tmp_path / "first"
+    trees.unfinished_v2_save(first, 2, 100, on_disk=("model",))
+    assert "optimizer shards missing" in scan(first).rejected[0].reason
 
 
 def test_unified_weights(tmp_path: Path) -> None:

@@ -521,6 +521,8 @@ def test_killed_conversion_is_never_mistaken_for_a_finished_one(tmp_path: Path) 
         process = subprocess.Popen([sys.executable, "-c", CLI, *argv], stdout=subprocess.PIPE, text=True)
         assert process.stdout is not None
         first = json.loads(process.stdout.readline())  # staging exists, workers start
+        while first["event"] == "waiting":  # the killed run's workers still hold the lock a moment
+            first = json.loads(process.stdout.readline())
         for _ in range(rng.randrange(first["total"])):  # a random point of the copy or verify phase
             process.stdout.readline()
         time.sleep(rng.uniform(0.0, 0.02))
@@ -642,6 +644,37 @@ def test_cli_runs_a_plans_conversion_record_and_writes_the_termination_log(
     )
     assert json.loads(log.read_text())["event"] == "error"
     assert "multiple of 2" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_checkpoint_2_source_saying_it_needs_no_conversion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import trees
+
+    trees.build_v2(tmp_path / "checkpoint", 4, [100])
+    iteration = tmp_path / "checkpoint" / "iteration_00000100"
+    record = {
+        "mode": "Unify",
+        "source": {"kind": "iteration", "dir": str(iteration), "step": 100},
+        "destination": str(tmp_path / "unified"),
+        "world_size": 2,
+    }
+    argv = [
+        "convert",
+        "unify",
+        "--conversion",
+        json.dumps(record),
+        "--termination-log",
+        str(tmp_path / "log"),
+    ]
+    assert cli.main(argv) == 2
+    assert "Checkpoint 2.0 iteration" in capsys.readouterr().err
+    assert "needs no conversion" in json.loads((tmp_path / "log").read_text())["message"]
+    for src in (tmp_path / "checkpoint", iteration):
+        argv = ["convert", "unify", "--src", str(src), "--step", "100", "--dst", str(tmp_path / "u")]
+        assert cli.main(argv) == 2
+        assert "a Checkpoint 2.0 checkpoint needs no conversion" in capsys.readouterr().err
+    assert not (tmp_path / "unified").exists() and not (tmp_path / "u").exists()
 
 
 MINDSPORE_PYTHON = (

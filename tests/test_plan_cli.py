@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import trees
 import yaml
 from safetensors.numpy import save_file
 
@@ -183,6 +184,54 @@ def test_resize_plans_a_conversion_then_reuses_the_finished_one(
     after = json.loads(out)
     assert after["action"] == "resume"
     assert after["config"]["load_checkpoint"] == destination
+
+
+def test_checkpoint_2_resize_resumes_the_newest_complete_iteration_without_conversion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """4 -> 2 ranks on a Checkpoint 2.0 tree whose newest save did not finish: the plan resumes the
+    newest complete iteration as is (MindFormers reshards it online from its metadata.json), names
+    the rejected iteration, and edits the config's `checkpoint:` section."""
+    checkpoint = tmp_path / "checkpoint"
+    trees.build_v2(checkpoint, 4, [100, 200])
+    trees.unfinished_v2_save(checkpoint, 4, 300, on_disk=("model",))
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"output_dir: '{tmp_path}'\n"
+        "checkpoint:\n"
+        "  load_path: ''  # where to resume from\n"
+        "  no_load_optim: True\n"
+        "  save_max: 3\n"
+        "parallel_config:\n"
+        "  data_parallel: 4\n"
+        "  model_parallel: 1\n"
+        "  pipeline_stage: 1\n"
+    )
+    code, out, err = run_plan(
+        capsys,
+        str(checkpoint),
+        "--world-size",
+        "2",
+        "--ranks",
+        "4",
+        "--reason",
+        "Resize",
+        "--config",
+        str(config),
+    )
+    assert code == 0, err
+    plan_text, _, config_text = out.partition("--- rewritten config ---\n")
+    assert "step:     iteration 200 (Checkpoint 2.0)" in plan_text
+    data = run_json(capsys, str(checkpoint), "--world-size", "2", "--ranks", "4", "--reason", "Resize")
+    assert data["action"] == "resume" and "conversion" not in data
+    assert data["layout"] == "v2" and data["source"]["kind"] == "iteration" and data["source"]["step"] == 200
+    assert "iteration 300: optimizer shards missing on every rank" in data["message"]
+    assert "epoch None" not in data["message"]
+    iteration_dir = str(checkpoint / "iteration_00000200")
+    assert f"  load_path: '{iteration_dir}'  # where to resume from\n" in config_text
+    assert "  no_load_optim: false\n" in config_text.lower()
+    assert "  data_parallel: 2\n" in config_text
+    assert "load_checkpoint" not in config_text and "resume_training" not in config_text
 
 
 def test_a_step_saved_by_more_ranks_than_told_is_converted(

@@ -111,3 +111,16 @@ def test_installed_command_never_prints_a_traceback(tmp_path: Path) -> None:
         )
         assert done.returncode in (2, 3)
         assert "Traceback" not in done.stderr
+
+
+def test_v2_report_explains_an_iteration_whose_optimizer_save_did_not_finish(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trees.build_v2(tmp_path, 2, [100, 200])
+    trees.unfinished_v2_save(tmp_path, 2, 300, on_disk=("model",))
+    code, out, _ = _run(capsys, str(tmp_path))
+    assert code == 0
+    assert "resume from: iteration 200" in out
+    rejected = next(line for line in out.splitlines() if line.startswith("  iteration 300: "))
+    assert "optimizer shards missing on every rank (metadata.json names them" in rejected
+    assert "resuming here would drop the optimizer state" in rejected

@@ -3,8 +3,9 @@
 Covers: bit-identical resume at the same world size (fault injection, SIGKILL, pinned file name),
 fail-fast when a rank dies or hangs, exit code 2 for bad parallel configs, the Checkpoint 1.0
 files (names, modes, contents, meta.json, pruning, prefix suffixes, strategy files), workers that
-run several ranks, and continuing after a 4 -> 2 world-size change via reshard, unify and
-online transformation (within the tolerance the trainer documents).
+run several ranks, Checkpoint 2.0 iterations (a `checkpoint:` section: layout, bit-identical
+resume, loading at another world size), and continuing after a 4 -> 2 world-size change via
+reshard, unify and online transformation (within the tolerance the trainer documents).
 """
 
 from __future__ import annotations
@@ -168,6 +169,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ({"runner_config.batch_size": 7}, 4, "not divisible by data_parallel"),
         ({"model.model_config.hidden_size": 31}, 4, "not divisible by model_parallel"),
         ({"callbacks.1.checkpoint_format": "ckpt"}, 4, "safetensors"),
+        (
+            {"checkpoint": {"save_max": 2}, "resume_training": "demo_rank_0-1_2.safetensors"},
+            4,
+            "with a `checkpoint:` section (Checkpoint 2.0) it must be true or false",
+        ),
     ],
 )
 def test_bad_parallel_config_exits_2_on_every_rank(
@@ -622,6 +628,130 @@ def test_optimizer_parallel_run_matches_plain_run_and_resumes(
     assert layouts["fc1.weight"].opt_shard_size == 2 and layouts["fc1.weight"].opt_shard_step == 2
     # fc2.bias [4] is replicated over both axes: sharded over all 4 ranks, one row each.
     assert layouts["fc2.bias"].opt_shard_size == 4 and layouts["fc2.bias"].opt_shard_step == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint 2.0 (a `checkpoint:` section in the config)
+
+
+def test_checkpoint_2_layout_and_bit_identical_resume(tmp_path: Path, reference: dict[str, Any]) -> None:
+    """With a `checkpoint:` section the trainer saves MindFormers 2.1's iterations, which relaunch's
+    scan accepts, and resuming from them repeats the uninterrupted 1.0 run's losses bit for bit."""
+    from relaunch.checkpoints import scan
+
+    section = {"save_max": 2, "save_interleaved_steps": 2, "prefix": "demo2", "no_load_optim": False}
+    config = make_config(tmp_path, fail_at_global_step=5, fail_rank=1, checkpoint=section)
+    codes = run(config, 4)
+    assert codes[1] == 1 and all(code != 0 for code in codes), logs(config)
+    root = tmp_path / "out" / "checkpoint"
+    assert sorted(p.name for p in root.iterdir()) == [
+        "iteration_00000002",
+        "iteration_00000004",
+        "latest_checkpointed_iteration.txt",
+    ]
+    assert (root / "latest_checkpointed_iteration.txt").read_text() == "4"
+    iteration = root / "iteration_00000004"
+    shards = [f"demo2-{kind}-{r:07d}-0000004.safetensors" for kind in ("model", "opt") for r in range(4)]
+    assert sorted(p.name for p in iteration.iterdir()) == sorted([*shards, "common.json", "metadata.json"])
+    assert stat.S_IMODE(iteration.stat().st_mode) == 0o750
+    assert all(stat.S_IMODE((iteration / name).stat().st_mode) == 0o400 for name in shards)
+    common = json.loads((iteration / "common.json").read_text())
+    assert (common["global_step"], common["epoch_num"], common["step_num"]) == (4, 1, 4)
+    metadata = json.loads((iteration / "metadata.json").read_text())
+    assert metadata["state_dict_metadata"]["fc1.weight"]["global_shape"] == [8, 32]
+    assert metadata["storage_data"]["('adam_m.fc1.weight', (0, 16))"][0]["file_name"] == (
+        "demo2-opt-0000001-0000004.safetensors"
+    )
+    with safe_open(str(iteration / shards[0]), framework="numpy") as handle:
+        assert sorted(handle.keys()) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    result = scan(root)
+    assert result.layout == "v2" and result.ranks == 4
+    assert result.choice is not None and result.choice.step == 4
+
+    # Resume from the checkpoint root (its tracker file names the iteration), as MindFormers does.
+    resumed = make_config(
+        tmp_path, "resume.yaml", checkpoint={**section, "load_path": str(root)}, resume_training=True
+    )
+    assert run(resumed, 4, env={"RELAUNCH_ATTEMPT": "1"}) == [0, 0, 0, 0], logs(resumed)
+    assert "iteration 4 in" in logs(resumed) and "4 steps done" in logs(resumed)
+    assert loss_curve(tmp_path / "out") == reference["curve"]
+    # save_max 2: the two newest iterations are kept.
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        "iteration_00000006",
+        "iteration_00000008",
+    ]
+    assert (root / "latest_checkpointed_iteration.txt").read_text() == "8"
+
+
+@pytest.mark.parametrize("optimizer_parallel", [False, True])
+def test_checkpoint_2_iteration_loads_at_another_world_size(
+    tmp_path: Path, reference: dict[str, Any], optimizer_parallel: bool
+) -> None:
+    """An iteration saved by 4 ranks loads on 2 (its metadata.json says where every chunk is: no
+    strategy files, no conversion); an iteration saved by 1 rank (no metadata.json) loads on 4."""
+    section = {"save_max": 10, "save_interleaved_steps": 2}
+    config = make_config(
+        tmp_path,
+        fail_at_global_step=6,
+        fail_rank=0,
+        checkpoint=section,
+        **{"parallel.enable_parallel_optimizer": optimizer_parallel},
+    )
+    assert run(config, 4)[0] == 1, logs(config)
+    iteration = tmp_path / "out" / "checkpoint" / "iteration_00000006"
+    shrunk = make_config(
+        tmp_path,
+        "two.yaml",
+        checkpoint={**section, "load_path": str(iteration)},
+        **{"parallel_config.data_parallel": 1, "parallel.enable_parallel_optimizer": optimizer_parallel},
+    )
+    assert run(shrunk, 2) == [0, 0], logs(shrunk)
+    assert "6 steps done" in logs(shrunk)
+    expected = curve_values(reference["curve"])
+    resumed = curve_values(loss_curve(tmp_path / "out"))
+    for step in (7, 8):
+        assert resumed[step] == pytest.approx(expected[step], rel=WORLD_CHANGE_RTOL, abs=0), step
+
+    one = tmp_path / "one"
+    one.mkdir()
+    single = make_config(
+        one,
+        fail_at_global_step=4,
+        checkpoint=section,
+        **{"parallel_config.data_parallel": 1, "parallel_config.model_parallel": 1},
+    )
+    assert run(single, 1) == [1], logs(single)
+    saved = one / "out" / "checkpoint" / "iteration_00000004"
+    assert not (saved / "metadata.json").exists()
+    grown = make_config(one, "four.yaml", checkpoint={**section, "load_path": str(saved)})
+    assert run(grown, 4) == [0, 0, 0, 0], logs(grown)
+    assert "4 steps done" in logs(grown)
+    regrown = curve_values(loss_curve(one / "out"))
+    for step in range(5, 9):
+        assert regrown[step] == pytest.approx(expected[step], rel=WORLD_CHANGE_RTOL, abs=0), step
+
+
+def test_checkpoint_2_no_load_optim_loads_weights_only_and_empty_root_starts_fresh(
+    tmp_path: Path, reference: dict[str, Any]
+) -> None:
+    (tmp_path / "empty").mkdir()
+    fresh = make_config(tmp_path, checkpoint={"load_path": str(tmp_path / "empty"), "no_load_optim": False})
+    assert run(fresh, 4) == [0, 0, 0, 0], logs(fresh)
+    assert loss_curve(tmp_path / "out") == reference["curve"]
+    iteration = tmp_path / "out" / "checkpoint" / "iteration_00000008"
+    weights = make_config(tmp_path / "empty", checkpoint={"load_path": str(iteration), "no_load_optim": True})
+    assert run(weights, 4) == [0, 0, 0, 0], logs(weights)
+    curve = curve_values(loss_curve(tmp_path / "empty" / "out"))
+    assert sorted(curve) == list(range(1, 9))  # starts over at step 1 ...
+    assert curve[1] < curve_values(reference["curve"])[1]  # ... but with the trained weights
+
+    # An iteration whose optimizer shards are gone cannot be resumed: exit 3, naming the file.
+    for shard in iteration.glob("*-opt-*.safetensors"):
+        os.chmod(shard, 0o600)
+        shard.unlink()
+    broken = make_config(tmp_path / "empty", "broken.yaml", checkpoint={"load_path": str(iteration)})
+    assert run(broken, 4) == [3, 3, 3, 3], logs(broken)
+    assert "demo-opt-0000000-0000004.safetensors: missing (named by metadata.json)" in logs(broken)
 
 
 def test_runs_as_a_script_with_config_from_environment(tmp_path: Path) -> None:

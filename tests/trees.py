@@ -189,8 +189,13 @@ def build_v2(
     prefix: str = "qwen",
     tracker: bool = True,
     with_metadata: bool = True,
+    kinds: tuple[str, ...] = ("model", "opt"),
 ) -> dict[int, list[str]]:
-    """A Checkpoint 2.0 tree: ``iteration_<n>/`` with model and optimizer shards per rank."""
+    """A Checkpoint 2.0 tree: ``iteration_<n>/`` with model and optimizer shards per rank.
+
+    ``kinds=("model",)`` is a job that does not save its optimizer (``no_save_optim``). MindFormers
+    writes ``metadata.json`` only for a distributed job (``with_metadata=False`` for one rank).
+    """
     written: dict[int, list[str]] = {}
     last = None
     for iteration in sorted(iterations):
@@ -199,7 +204,7 @@ def build_v2(
         storage: dict[str, list[dict[str, object]]] = {}
         files = []
         for rank in range(world):
-            for kind in ("model", "opt"):
+            for kind in kinds:
                 name = f"{prefix}-{kind}-{rank:07d}-{world:07d}.safetensors"
                 tensors = small_tensors(iteration + rank)
                 if kind == "opt":
@@ -222,6 +227,35 @@ def build_v2(
     if tracker and last is not None:
         Path(root, "latest_checkpointed_iteration.txt").write_text(str(last))
     return written
+
+
+def unfinished_v2_save(
+    root: str | os.PathLike[str],
+    world: int,
+    iteration: int,
+    *,
+    prefix: str = "qwen",
+    on_disk: tuple[str, ...] = ("model",),
+    with_metadata: bool = True,
+) -> Path:
+    """An iteration as MindFormers 2.1's ``save_checkpoint`` leaves it when the job dies during an
+    asynchronous save.
+
+    Its order: rank 0 creates ``iteration_<n>/``; every rank *starts* writing its model shard, then
+    its optimizer shard, in a background thread; rank 0 writes ``common.json`` right away, then
+    (distributed jobs) ``metadata.json``, naming every shard; only once every rank's writes have
+    finished does rank 0 write ``latest_checkpointed_iteration.txt``, which therefore still names
+    the previous iteration. ``on_disk``: the kinds of shard that were finished when it died
+    (the model is written first); ``with_metadata=False``: a one-rank job, or a crash before
+    ``metadata.json``.
+    """
+    build_v2(root, world, [iteration], prefix=prefix, tracker=False, with_metadata=with_metadata)
+    directory = Path(root, f"iteration_{iteration:08d}")
+    for path in directory.glob("*.safetensors"):
+        kind = path.name.split("-")[-3]
+        if kind not in on_disk:
+            path.unlink()
+    return directory
 
 
 def build_unified(root: str | os.PathLike[str], parts: int = 2) -> list[str]:

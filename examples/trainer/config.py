@@ -35,6 +35,22 @@ class CheckpointMonitor:
 
 
 @dataclass(frozen=True)
+class CheckpointSection:
+    """MindFormers 2.1's ``checkpoint:`` section: when present, the job saves and loads Checkpoint 2.0.
+
+    ``load_path`` replaces ``load_checkpoint``, ``no_load_optim`` the negation of
+    ``resume_training``; ``save_path`` (default ``<output_dir>/checkpoint``), ``prefix``,
+    ``save_max`` and ``save_interleaved_steps`` replace the CheckpointMonitor's ``directory``,
+    ``prefix``, ``keep_checkpoint_max`` and ``save_checkpoint_steps`` (which fill in what the
+    section leaves out).
+    """
+
+    save_path: str
+    load_path: str
+    no_load_optim: bool
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything the trainer uses from the YAML, with MindFormers' meaning."""
 
@@ -65,6 +81,8 @@ class TrainConfig:
     eps: float
     weight_decay: float
     checkpoint: CheckpointMonitor = field(default_factory=CheckpointMonitor)
+    #: The ``checkpoint:`` section; None: the legacy keys and Checkpoint 1.0 (the default).
+    checkpoint2: CheckpointSection | None = None
     step_delay_seconds: float = 0.0
     comm_timeout_seconds: float = 60.0
     connect_timeout_seconds: float = 300.0
@@ -83,6 +101,8 @@ class TrainConfig:
 
     @property
     def checkpoint_root(self) -> str:
+        if self.checkpoint2 is not None and self.checkpoint2.save_path:
+            return self.checkpoint2.save_path
         return os.path.join(self.output_dir, "checkpoint")
 
     @property
@@ -130,6 +150,18 @@ def parse_config(document: dict[str, Any], path: str = "<config>") -> TrainConfi
         resume = True
 
     monitor = _checkpoint_monitor(document.get("callbacks"), path)
+    section = _checkpoint_section(document, monitor, path)
+    load_checkpoint = str(document.get("load_checkpoint") or "")
+    checkpoint2: CheckpointSection | None = None
+    if section is not None:
+        if isinstance(resume, str):
+            raise ConfigError(
+                f"{path}: resume_training is {resume!r}, but with a `checkpoint:` section (Checkpoint 2.0) "
+                "it must be true or false; pin an iteration with checkpoint.load_path instead"
+            )
+        monitor, checkpoint2 = section
+        load_checkpoint = checkpoint2.load_path
+        resume = not checkpoint2.no_load_optim
     betas = optimizer.get("betas", [0.9, 0.999])
     if not (isinstance(betas, list) and len(betas) == 2):
         raise ConfigError(f"{path}: optimizer.betas must be a list of two numbers, found {betas!r}")
@@ -138,7 +170,7 @@ def parse_config(document: dict[str, Any], path: str = "<config>") -> TrainConfi
         path=path,
         output_dir=str(document.get("output_dir") or "./output"),
         seed=reader.integer(document, "seed", 0),
-        load_checkpoint=str(document.get("load_checkpoint") or ""),
+        load_checkpoint=load_checkpoint,
         resume_training=resume,
         auto_trans_ckpt=bool(document.get("auto_trans_ckpt") or False),
         src_strategy_path_or_dir=str(document.get("src_strategy_path_or_dir") or ""),
@@ -162,6 +194,7 @@ def parse_config(document: dict[str, Any], path: str = "<config>") -> TrainConfi
         eps=reader.number(optimizer, "optimizer.eps", 1e-8),
         weight_decay=reader.number(optimizer, "optimizer.weight_decay", 0.0),
         checkpoint=monitor,
+        checkpoint2=checkpoint2,
         step_delay_seconds=reader.number(document, "step_delay_seconds", 0.0),
         comm_timeout_seconds=reader.number(document, "comm_timeout_seconds", 60.0),
         connect_timeout_seconds=reader.number(document, "connect_timeout_seconds", 300.0),
@@ -233,6 +266,36 @@ def _checkpoint_monitor(callbacks: object, path: str) -> CheckpointMonitor:
                 checkpoint_format=str(item.get("checkpoint_format") or "safetensors"),
             )
     return CheckpointMonitor()
+
+
+def _checkpoint_section(
+    document: dict[str, Any], monitor: CheckpointMonitor, path: str
+) -> tuple[CheckpointMonitor, CheckpointSection] | None:
+    """The ``checkpoint:`` section and the CheckpointMonitor settings it overrides; None if absent."""
+    if "checkpoint" not in document:
+        return None
+    section = document["checkpoint"] or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: checkpoint must be a mapping, found {type(section).__name__}")
+    reader = _Reader(section, path)
+    no_load_optim = section.get("no_load_optim", False)
+    if not isinstance(no_load_optim, bool):
+        raise ConfigError(f"{path}: checkpoint.no_load_optim must be true or false, found {no_load_optim!r}")
+    merged = CheckpointMonitor(
+        prefix=str(section.get("prefix") or monitor.prefix),
+        save_checkpoint_steps=reader.integer(
+            section, "checkpoint.save_interleaved_steps", monitor.save_checkpoint_steps, minimum=1
+        ),
+        keep_checkpoint_max=reader.integer(
+            section, "checkpoint.save_max", monitor.keep_checkpoint_max, minimum=1
+        ),
+        checkpoint_format=monitor.checkpoint_format,
+    )
+    return merged, CheckpointSection(
+        save_path=str(section.get("save_path") or ""),
+        load_path=str(section.get("load_path") or ""),
+        no_load_optim=no_load_optim,
+    )
 
 
 class _Reader:

@@ -1,7 +1,8 @@
 """One rank's life: connect, load what the config names, train, save, say goodbye.
 
 Owns the training loop and its side effects: progress lines on stdout, ``loss.jsonl`` (rank 0),
-checkpoints at ``save_checkpoint_steps`` and at the last step, and the exit code (see
+checkpoints at ``save_checkpoint_steps`` and at the last step (Checkpoint 1.0, or 2.0 iterations
+when the config has a ``checkpoint:`` section), and the exit code (see
 ``examples.trainer.config``: 0 done, 1 failure worth a retry, 2 bad config, 3 unusable checkpoint).
 
 Global step ``g`` runs from 1 to ``epochs * steps_per_epoch``; its epoch is ``(g - 1) //
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from examples.trainer import checkpoint as ckpt
+from examples.trainer import checkpoint2 as ckpt2
 from examples.trainer import model
 from examples.trainer.comm import Collective, CollectiveServer, CommError
 from examples.trainer.config import EXIT_BAD_CHECKPOINT, EXIT_BAD_CONFIG, EXIT_FAILURE, TrainConfig
@@ -163,11 +165,16 @@ class Trainer:
         self._load_agreed()
         ckpt.write_strategy(config, self.rank)
         directory = ckpt.rank_dir(config, self.rank)
-        prefix = ckpt.choose_prefix(directory, f"{config.checkpoint.prefix}_rank_{self.rank}")
+        if config.checkpoint2 is None:
+            prefix = ckpt.choose_prefix(directory, f"{config.checkpoint.prefix}_rank_{self.rank}")
+            saving = f"prefix {prefix}"
+        else:
+            prefix = config.checkpoint.prefix
+            saving = f"Checkpoint 2.0 iterations in {config.checkpoint_root}"
         log(
             self.rank,
             f"world {self.world_size} (dp={config.data_parallel}, mp={config.model_parallel}), "
-            f"starting at global step {self.done_steps + 1} of {config.total_steps}, prefix {prefix}",
+            f"starting at global step {self.done_steps + 1} of {config.total_steps}, {saving}",
         )
         local_batch = config.global_batch_size // config.data_parallel
         rows = slice(self.placement.dp_index * local_batch, (self.placement.dp_index + 1) * local_batch)
@@ -287,7 +294,10 @@ class Trainer:
         for state in model.OPTIMIZER_STATES:
             for name in model.PARAM_NAMES:
                 self.moments[f"{state}.{name}"] = np.zeros_like(self.params[name][self.chunks[name]])
-        loaded = ckpt.load_for_rank(config, self.placement, self.world_size)
+        if config.checkpoint2 is not None:
+            loaded = ckpt2.load_iteration(config, self.placement)
+        else:
+            loaded = ckpt.load_for_rank(config, self.placement, self.world_size)
         if loaded is None:
             log(self.rank, f"load_checkpoint {config.load_checkpoint!r} holds nothing: starting from scratch")
             return
@@ -337,6 +347,9 @@ class Trainer:
 
     def _save(self, directory: str, prefix: str, epoch: int, step: int, global_step: int) -> None:
         config = self.config
+        if config.checkpoint2 is not None:
+            self._save_iteration(epoch, step, global_step)
+            return
         tensors: dict[str, np.ndarray] = {
             name: np.ascontiguousarray(self.params[name][self.chunks[name]]) for name in model.PARAM_NAMES
         }
@@ -354,6 +367,36 @@ class Trainer:
         name = ckpt.checkpoint_name(prefix, epoch, step)
         ckpt.save_checkpoint(directory, name, tensors, epoch=epoch, step_in_epoch=step)
         removed = ckpt.prune(directory, prefix, config.checkpoint.keep_checkpoint_max)
+        log(self.rank, f"saved {name}" + (f", removed {', '.join(removed)}" if removed else ""))
+
+    def _save_iteration(self, epoch: int, step: int, global_step: int) -> None:
+        """Checkpoint 2.0, in MindFormers' order: directory (rank 0), every rank's model then optimizer
+        shard, ``common.json`` and ``metadata.json`` (rank 0), and once all are done the tracker."""
+        config = self.config
+        removed: list[str] = []
+        if self.rank == 0:
+            removed = ckpt2.prepare_iteration(config, global_step)
+        self.comm.barrier()
+        weights = {
+            name: np.ascontiguousarray(self.params[name][self.chunks[name]]) for name in model.PARAM_NAMES
+        }
+        ckpt2.write_shards(config, global_step, self.rank, self.world_size, weights, dict(self.moments))
+        if self.rank == 0:
+            counters = {
+                "epoch_num": epoch,
+                "step_num": step,
+                "global_step": global_step,
+                "loss_scale": 1.0,
+                "global_batch_size": config.global_batch_size,
+                "ckpt_status": 0,
+            }
+            ckpt2.write_common(config, global_step, counters)
+            if self.world_size > 1:  # MindFormers writes no metadata.json for one rank
+                ckpt2.write_metadata(config, global_step, self.world_size)
+        self.comm.barrier()
+        if self.rank == 0:
+            ckpt2.write_tracker(config, global_step)
+        name = f"iteration_{global_step:08d}"
         log(self.rank, f"saved {name}" + (f", removed {', '.join(removed)}" if removed else ""))
 
     def _append_loss(self, epoch: int, step: int, global_step: int, loss: float) -> None:

@@ -1118,6 +1118,10 @@ def _scan_v2(
         else:
             if tracked not in iteration_dirs:
                 notes.append(f"{TRACKER_FILE}: names iteration {tracked}, whose directory does not exist")
+    # What each iteration holds, listed once: an iteration is judged against the kinds of file
+    # the earlier iterations of the same world size hold (what the job saves).
+    listings = {iteration: _list_names(directory) for iteration, directory in iteration_dirs.items()}
+    saved = {iteration: _saved_kinds(names) for iteration, names in listings.items()}
     order = sorted(iteration_dirs, reverse=True)
     if resume is not None:
         wanted = resume.strip()
@@ -1135,7 +1139,12 @@ def _scan_v2(
         if directory is None:
             pinned_error = f"iteration {iteration}: no directory iteration_{iteration:08d}"
             break
-        outcome = _check_iteration(directory, ranks, deep)
+        world, _ = saved[iteration]
+        earlier: set[str] = set()
+        for other, (other_world, kinds) in saved.items():
+            if other < iteration and other_world == world:
+                earlier |= kinds
+        outcome = _check_iteration(directory, set(listings[iteration]), ranks, deep, earlier)
         if isinstance(outcome, str):
             if resume is not None:
                 pinned_error = f"iteration {iteration}: {outcome}"
@@ -1183,9 +1192,46 @@ def _read_iteration_json(directory: str, name: str) -> Any:
         return _Problem(f"{name} {exc}")
 
 
-def _check_iteration(directory: str, ranks: int | None, deep: bool) -> tuple[Choice, int] | str:
-    """The iteration's ``Choice`` and world size, or why it cannot be resumed from."""
-    names = {entry.name for entry in _list_dir(directory)}
+#: The kinds of shard file an iteration holds, as its names spell them, and what they hold.
+_SHARD_KINDS = {"model": "model shards", "opt": "optimizer shards"}
+_METADATA = "metadata.json"
+
+
+def _saved_kinds(names: Iterable[str]) -> tuple[int | None, frozenset[str]]:
+    """An iteration's world size (from its shard names; None without any) and the kinds of file it
+    holds: ``model``, ``opt`` (shards) and ``metadata.json``."""
+    kinds: set[str] = set()
+    worlds: set[int] = set()
+    for name in names:
+        if name == _METADATA:
+            kinds.add(name)
+            continue
+        match = _V2_FILE_RE.match(name)
+        if match:
+            kinds.add(match["kind"])
+            worlds.add(int(match["world"]))
+    return (max(worlds) if worlds else None), frozenset(kinds)
+
+
+def _unfinished(kind: str, ranks: Sequence[int], world: int, why: str) -> str:
+    """Why an iteration lacking some shards of ``kind`` cannot be resumed, in one sentence."""
+    where = "every rank" if len(ranks) == world else _which(ranks, world)
+    consequence = "; resuming here would drop the optimizer state" if kind == "opt" else ""
+    return f"{_SHARD_KINDS[kind]} missing on {where} ({why}): the save did not finish{consequence}"
+
+
+def _check_iteration(
+    directory: str, names: set[str], ranks: int | None, deep: bool, earlier: set[str]
+) -> tuple[Choice, int] | str:
+    """The iteration's ``Choice`` and world size, or why it cannot be resumed from.
+
+    ``earlier``: the kinds of file (``_saved_kinds``) that earlier iterations of the same world size
+    hold. MindFormers writes ``common.json`` (and ``metadata.json``) right after *starting* the
+    model and optimizer writes, which run in the background with asynchronous saving, so an
+    iteration can look finished while a kind of file the job saves is still missing: it is
+    incomplete when ``metadata.json`` names a file that is absent, or when it lacks a kind of file
+    the earlier iterations have.
+    """
     if "common.json" not in names:
         return "common.json missing (the step counters would be lost)"
     common = _read_iteration_json(directory, "common.json")
@@ -1193,9 +1239,9 @@ def _check_iteration(directory: str, ranks: int | None, deep: bool) -> tuple[Cho
         return common.reason
     if not isinstance(common, dict):
         return "common.json is not a JSON object"
-    files: set[str]
-    if "metadata.json" in names:
-        metadata = _read_iteration_json(directory, "metadata.json")
+    files: set[str]  # what the iteration consists of: what metadata.json names, else every shard
+    if _METADATA in names:
+        metadata = _read_iteration_json(directory, _METADATA)
         if isinstance(metadata, _Problem):
             return metadata.reason
         storage = metadata.get("storage_data") if isinstance(metadata, dict) else None
@@ -1208,31 +1254,42 @@ def _check_iteration(directory: str, ranks: int | None, deep: bool) -> tuple[Cho
                 if not isinstance(file_name, str) or "/" in file_name or not file_name:
                     return "metadata.json storage_data holds an entry without a plain file_name"
                 files.add(file_name)
-        absent = sorted(f for f in files if f not in names)
-        if absent:
-            return f"metadata.json names {_plural(len(absent), 'missing file')}: {', '.join(absent[:3])}"
     else:
         files = {n for n in names if n.endswith(".safetensors")}
         if not files:
             return "no metadata.json and no safetensors files"
-    by_rank: dict[str, dict[int, str]] = {"model": {}, "opt": {}}
+    # Its shards by kind and rank. (Files metadata.json does not name, e.g. those of an earlier
+    # save of this iteration by another world size, are not part of it.)
+    present: dict[str, dict[int, str]] = {kind: {} for kind in _SHARD_KINDS}
     worlds: set[int] = set()
     prefixes: set[str] = set()
-    for file_name in files:
-        match = _V2_FILE_RE.match(file_name)
+    for name in files:
+        match = _V2_FILE_RE.match(name)
         if match:
-            by_rank[match["kind"]][int(match["rank"])] = file_name
+            present[match["kind"]][int(match["rank"])] = name
             worlds.add(int(match["world"]))
             prefixes.add(match["prefix"])
+    absent = sorted(f for f in files if f not in names)
+    if absent:
+        return _named_but_absent(absent, worlds)
     world = max(worlds) if worlds else (ranks or 1)
     if len(worlds) > 1:
         return f"shard names disagree on the world size: {sorted(worlds)}"
-    if "metadata.json" not in names and worlds:
-        for kind, got in by_rank.items():
+    # The optimizer first: a loader that finds the weights would silently start it from zero.
+    for kind in sorted(_SHARD_KINDS, key=lambda k: k != "opt"):
+        if kind in earlier and not present[kind]:
+            return _unfinished(kind, range(world), world, "earlier iterations have them")
+    if _METADATA in earlier and _METADATA not in names:
+        return (
+            "metadata.json missing, though earlier iterations of this world size have it: the save "
+            "did not finish (MindFormers writes it after common.json)"
+        )
+    if _METADATA not in names and worlds:
+        for kind, got in present.items():
             if got:
                 absent_ranks = [r for r in range(world) if r not in got]
                 if absent_ranks:
-                    return f"{kind} shards missing for ranks {_ranges(absent_ranks)} (no metadata.json)"
+                    return _unfinished(kind, absent_ranks, world, "no metadata.json names them")
     paths = sorted(os.path.join(directory, f) for f in files)
     checks = _verify_many(paths, deep)
     bad = {path: reason for path, reason in checks.items() if isinstance(reason, str)}
@@ -1240,7 +1297,7 @@ def _check_iteration(directory: str, ranks: int | None, deep: bool) -> tuple[Cho
         first = sorted(bad)[0]
         return f"{_plural(len(bad), 'corrupt file')}: {os.path.basename(first)}: {bad[first]}"
     prefix = next(iter(prefixes)) if len(prefixes) == 1 else None
-    model = by_rank["model"]
+    model = present["model"]
     pattern = None
     if model and prefix is not None:
         lead = f"{prefix}-" if prefix else ""
@@ -1261,6 +1318,27 @@ def _check_iteration(directory: str, ranks: int | None, deep: bool) -> tuple[Cho
         tuple(paths),
     )
     return choice, world
+
+
+def _named_but_absent(absent: Sequence[str], worlds: set[int]) -> str:
+    """The files ``metadata.json`` names that are missing, as shard kinds and ranks when they are shards."""
+    by_kind: dict[str, dict[int, str]] = {}
+    other: list[str] = []
+    for name in absent:
+        match = _V2_FILE_RE.match(name)
+        if match:
+            by_kind.setdefault(match["kind"], {})[int(match["rank"])] = name
+        else:
+            other.append(name)
+    world = max(worlds) if worlds else 1
+    # The optimizer first: a loader that finds the weights would silently start it from zero.
+    reasons = [
+        _unfinished(kind, sorted(ranks), world, f"metadata.json names them, e.g. {ranks[min(ranks)]}")
+        for kind, ranks in sorted(by_kind.items(), key=lambda item: item[0] != "opt")
+    ]
+    if other:
+        reasons.append(f"metadata.json names {_plural(len(other), 'missing file')}: {', '.join(other[:3])}")
+    return "; ".join(reasons)
 
 
 # --------------------------------------------------------------------------------------------

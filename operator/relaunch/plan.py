@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from relaunch.config import ConfigError, parallel_for_world_size
 
 if TYPE_CHECKING:  # pragma: no cover
-    from relaunch.checkpoints import ScanResult
+    from relaunch.checkpoints import Rejection, ScanResult
 
 Action = Literal["fresh", "resume", "convert", "fail"]
 Reason = Literal["Failure", "Resize", "ConfigChange", "Start"]
@@ -345,7 +345,9 @@ class Plan:
         lines.append(f"world size: {self.previous_world_size} -> {self.world_size}")
         if self.source is not None:
             where = self.source.directory
-            if self.source.step is not None:
+            if self.source.step is not None and self.source.epoch is None:
+                lines.append(f"step:     iteration {self.source.step} (Checkpoint 2.0)")
+            elif self.source.step is not None:
                 lines.append(
                     f"step:     epoch {self.source.epoch}, step {self.source.step} ({self.source.kind})"
                 )
@@ -414,11 +416,19 @@ def _nothing_finished(scan: ScanResult) -> bool:
     return not scan.rejected
 
 
+def _rejected_what(rejection: Rejection) -> str:
+    """``epoch 2 step 10`` (1.0), ``iteration 300`` (2.0: no epoch) or ``a file`` (unified)."""
+    if rejection.step is None:
+        return "a file"
+    if rejection.epoch is None:
+        return f"iteration {rejection.step}"
+    return f"epoch {rejection.epoch} step {rejection.step}"
+
+
 def _rejections(scan: ScanResult, limit: int = 3) -> str:
     parts = []
     for rejection in scan.rejected[:limit]:
-        where = f"epoch {rejection.epoch} step {rejection.step}" if rejection.step is not None else "a file"
-        parts.append(f"{where}: {rejection.reason}")
+        parts.append(f"{_rejected_what(rejection)}: {rejection.reason}")
     more = len(scan.rejected) - limit
     if more > 0:
         parts.append(f"and {more} more (run `relaunch scan` for all)")
@@ -641,8 +651,7 @@ def decide(
         newest = scan.rejected[0]
         reason_text = newest.reason if len(newest.reason) <= 160 else newest.reason[:159] + "…"
         rejected_note = (
-            f"; {len(scan.rejected)} newer rejected, newest: epoch {newest.epoch} step {newest.step}: "
-            f"{reason_text}"
+            f"; {len(scan.rejected)} newer rejected, newest: {_rejected_what(newest)}: {reason_text}"
         )
     if raw.kind == "unified":
         unified = Source(kind="unified", directory=raw.directory, format="safetensors")

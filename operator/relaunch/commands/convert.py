@@ -89,12 +89,34 @@ def _source_args(parser: argparse.ArgumentParser, *, allow_unified: bool) -> Non
     )
 
 
+#: Why a Checkpoint 2.0 source is refused: it needs no conversion.
+CHECKPOINT_2_NEEDS_NO_CONVERSION = (
+    "needs no conversion: its metadata.json records every tensor's global shape and chunks, so "
+    "MindFormers loads it at any world size (set checkpoint.load_path to the iteration; `relaunch plan` "
+    "does so on a resize)"
+)
+
+
+def _is_checkpoint_2(root: str) -> bool:
+    """A Checkpoint 2.0 root (``iteration_<n>/``, the tracker file) or one of its iterations."""
+    names = os.listdir(root)
+    return (
+        "latest_checkpointed_iteration.txt" in names
+        or "common.json" in names
+        or any(re.match(r"^iteration_\d+$", n) for n in names)
+    )
+
+
 def select_files(
     root: str, *, name_pattern: str | None, step: int | None, ranks: int | None = None
 ) -> dict[int, str]:
     """``rank -> file`` for one step of a ``rank_<r>/`` checkpoint root (``ranks``: how many, if known)."""
     if not os.path.isdir(root):
         raise convert.ConversionError(f"--src {root}: not a directory")
+    if not any(RANK_DIR_RE.match(n) for n in os.listdir(root)) and _is_checkpoint_2(root):
+        raise convert.ConversionError(
+            f"--src {root}: a Checkpoint 2.0 checkpoint {CHECKPOINT_2_NEEDS_NO_CONVERSION}"
+        )
     if ranks is not None:
         rank_list = list(range(ranks))
     else:
@@ -178,6 +200,10 @@ def _from_record(args: argparse.Namespace) -> None:
     if mode != args.operation:
         raise convert.ConversionError(f"--conversion asks for {mode!r}, the command is {args.operation!r}")
     args.src_strategy = record.get("strategy_dir") or args.src_strategy
+    if kind == "iteration":
+        raise convert.ConversionError(
+            f"--conversion: the Checkpoint 2.0 iteration {directory} {CHECKPOINT_2_NEEDS_NO_CONVERSION}"
+        )
     if kind == "unified":
         args.src_unified = directory
     elif kind == "sharded" and source.get("pattern"):
