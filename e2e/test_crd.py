@@ -124,7 +124,8 @@ def test_printer_columns_and_explain(api: Kube, namespace: str, cluster: Any) ->
     assert status == 201, payload
     kubectl = [cluster.kubectl(), "--kubeconfig", str(Path(cluster.kubeconfig))]
     out = subprocess.run([*kubectl, "get", "tj", "-n", namespace], capture_output=True, text=True, check=True)
-    assert out.stdout.split("\n")[0].split() == ["NAME", "PHASE", "WORKERS", "RESTARTS", "STEP", "AGE"]
+    header = out.stdout.split("\n")[0].split()
+    assert header == ["NAME", "PHASE", "WORKERS", "RESTARTS", "STEP", "PROGRESS", "AGE"]
     explain = subprocess.run(
         [*kubectl, "explain", "trainingjob.spec.recovery.nodeLossGraceSeconds"],
         capture_output=True,

@@ -28,6 +28,7 @@ NAMESPACED_RULES = {
     ("relaunch.dev", "trainingjobs"): {"get", "list", "watch", "patch"},
     ("relaunch.dev", "trainingjobs/status"): {"patch"},
     ("", "pods"): {"get", "list", "watch", "create", "delete"},
+    ("", "pods/log"): {"get"},
     ("", "services"): {"get", "create", "delete"},
     ("", "configmaps"): {"get", "create", "delete"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
@@ -296,6 +297,8 @@ def resources_the_operator_calls() -> set[tuple[str, str]]:
                 found.add((group, names.get(rest[0], rest[0])))
         if '+ "/status"' in text:
             found.add(("relaunch.dev", "trainingjobs/status"))
+        if '+ "/log"' in text:
+            found.add(("", "pods/log"))
         for args in re.findall(r"@kopf\.(?:on\.\w+|daemon|timer)\(([^)]*)\)", text):
             positional = [a.strip().strip("\"'") for a in args.split(",") if a.strip() and "=" not in a]
             if len(positional) == 1:

@@ -102,7 +102,14 @@ def test_read_settings_of_the_real_pretrain_config() -> None:
         "resume_training": False,
         "auto_trans_ckpt": False,
         "load_ckpt_format": "safetensors",
+        "save_checkpoint_steps": 5000,  # the CheckpointMonitor callback's
     }
+
+
+def test_save_interval_of_both_layouts() -> None:
+    assert read_settings("seed: 1\n")["save_checkpoint_steps"] is None
+    v2 = "checkpoint:\n  save_path: /o\n  save_interleaved_steps: 20\n"
+    assert read_settings(v2)["save_checkpoint_steps"] == 20
 
 
 def test_read_settings_defaults_and_checkpoint_section() -> None:

@@ -57,7 +57,7 @@ def test_identity(crd: dict[str, Any]) -> None:
     (version,) = crd["spec"]["versions"]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Workers", "Restarts", "Step", "Age"]
+    assert columns == ["Phase", "Workers", "Restarts", "Step", "Progress", "Age"]
 
 
 def test_every_status_field_the_controller_writes_is_declared(crd: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ whole life cycle (start, failure, recovery, conversion) can be followed round by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -89,6 +90,7 @@ class Sim:
         self.deleted: list[DeletePod] = []
         self.deleted_jobs: list[str] = []
         self.foreign: list[ForeignObject] = []
+        self.progress: Any = None  # a ProgressView the watchdog reads
         self.events: list[Any] = []
         self.now = T0
         self.planner = FakePlanner()
@@ -98,7 +100,7 @@ class Sim:
 
     def observed(self) -> Observed:
         nodes = {
-            name: node if name in self.frozen else NodeView(name, node.ready, node.not_ready_since, self.now)
+            name: node if name in self.frozen else dataclasses.replace(node, last_heartbeat=self.now)
             for name, node in self.nodes.items()
         }
         return Observed(
@@ -107,6 +109,7 @@ class Sim:
             nodes=nodes,
             config_text=self.config_text if self.config_text is not None else CONFIG,
             foreign=tuple(self.foreign),
+            progress=self.progress,
         )
 
     def step(self, dt: float = 0.1) -> Any:

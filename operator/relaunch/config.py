@@ -148,7 +148,8 @@ def read_settings(text: str) -> dict[str, Any]:
     ``checkpoint_dir`` (where checkpoints land: ``save_dir`` or ``<output_dir>/checkpoint``),
     ``strategy_dir`` (``<output_dir>/strategy``), ``data_parallel``, ``model_parallel``,
     ``pipeline_stage`` (1 when absent), ``world_size`` (their product), ``load_checkpoint``,
-    ``resume_training``, ``auto_trans_ckpt``, ``load_ckpt_format``. Paths are as written
+    ``resume_training``, ``auto_trans_ckpt``, ``load_ckpt_format``, ``save_checkpoint_steps``
+    (the steps between saves, when the config says). Paths are as written
     (possibly relative to the trainer's working directory).
     """
     root = _compose(text)
@@ -189,7 +190,15 @@ def read_settings(text: str) -> dict[str, Any]:
         "resume_training": resume_training,
         "auto_trans_ckpt": _get(root, "auto_trans_ckpt"),
         "load_ckpt_format": _get(root, "load_ckpt_format"),
+        "save_checkpoint_steps": _positive_or_none(
+            _get(monitor, "save_checkpoint_steps")
+            or (_get(checkpoint, "save_interleaved_steps") if checkpoint else None)
+        ),
     }
+
+
+def _positive_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _resolve(path: str, workdir: str | None, what: str) -> str:

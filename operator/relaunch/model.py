@@ -67,6 +67,56 @@ class Deadlines:
         }.get(stage)
 
 
+#: Why a gang can fail (``status.lastFailure.reason``); failure rules match these.
+FAILURE_REASONS = (
+    "WorkerFailed",
+    "OOMKilled",
+    "Evicted",
+    "Preempted",
+    "PodDeleted",
+    "NodeLost",
+    "NodeUnhealthy",
+    "NoProgress",
+    "StartupTimeout",
+)
+#: What a failure rule does: restart and count it, restart without counting, or fail the job.
+RULE_ACTIONS = ("Restart", "RestartNotCounted", "Fail")
+
+
+@dataclass(frozen=True)
+class FailureRule:
+    """One of ``spec.recovery.rules``: matches when every criterion it gives matches."""
+
+    action: str
+    exit_codes: frozenset[int] = frozenset()
+    reasons: frozenset[str] = frozenset()
+    log_pattern: str | None = None
+
+    def matches(self, reason: str, exit_code: int | None, text: str | None) -> bool:
+        if self.exit_codes and exit_code not in self.exit_codes:
+            return False
+        if self.reasons and reason not in self.reasons:
+            return False
+        return not (self.log_pattern and not re.search(self.log_pattern, text or "", re.MULTILINE))
+
+
+#: After the user's rules: a disruption by the cluster (eviction, preemption, a node the user
+#: marks unhealthy) is not the job's failure and is not counted; a permanent exit code fails.
+DEFAULT_RULES = (
+    FailureRule("RestartNotCounted", reasons=frozenset({"Evicted", "Preempted", "NodeUnhealthy"})),
+)
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """A node where ``failures`` of the job's failures happened within ``window_seconds`` is
+    avoided by its next attempts for ``cooldown_seconds``."""
+
+    failures: int = 2
+    window_seconds: int = 3600
+    cooldown_seconds: int = 1800
+
+
 @dataclass(frozen=True)
 class RecoverySpec:
     max_restarts: int = 10
@@ -75,6 +125,23 @@ class RecoverySpec:
     node_loss_grace_seconds: int = 30
     permanent_exit_codes: frozenset[int] = frozenset({2})
     deadlines: Deadlines = field(default_factory=Deadlines)
+    rules: tuple[FailureRule, ...] = ()
+    #: maxRestarts counts the restarts of this many seconds (None: of the job's whole life).
+    restart_window_seconds: int | None = None
+    quarantine: Quarantine | None = field(default_factory=Quarantine)
+
+    def action_for(self, reason: str, exit_code: int | None, text: str | None) -> tuple[str, str]:
+        """The action for a failure and what decided it: the first matching user rule, then a
+        permanent exit code, then the default rules, else a counted restart."""
+        for number, rule in enumerate(self.rules):
+            if rule.matches(reason, exit_code, text):
+                return rule.action, f"spec.recovery.rules[{number}]"
+        if exit_code is not None and exit_code in self.permanent_exit_codes:
+            return "Fail", "spec.recovery.permanentExitCodes"
+        for rule in DEFAULT_RULES:
+            if rule.matches(reason, exit_code, text):
+                return rule.action, "the default rules"
+        return "Restart", "the default rules"
 
     def backoff_seconds(self, restart_number: int) -> float:
         """Delay before the ``restart_number``-th restart (1-based): initial x 2^(n-1), capped."""
@@ -82,6 +149,40 @@ class RecoverySpec:
             return 0.0
         exponent = min(restart_number - 1, 30)  # 2**30 x anything already exceeds any sane cap
         return float(min(self.backoff_initial_seconds * (2**exponent), self.backoff_max_seconds))
+
+
+#: MindFormers' per-step line (its loss monitor), e.g.
+#: ``{ Epoch:[  1/  2], step:[    5/   10], loss: 2.1, per_step_time: 512ms, ...``.
+MINDFORMERS_STEP_PATTERN = (
+    r"Epoch:\[\s*(?P<epoch>\d+)/\s*(?P<epochs>\d+)\],\s*step:\[\s*(?P<step>\d+)/\s*(?P<steps>\d+)\]"
+)
+
+
+@dataclass(frozen=True)
+class ProgressSpec:
+    """The progress watchdog: training steps read from worker 0's log."""
+
+    pattern: str = MINDFORMERS_STEP_PATTERN
+    startup_seconds: int = 600
+    stall_seconds: int = 300
+    checkpoint_save_seconds: int = 900
+    #: Steps after which a checkpoint is saved (the stall allowance becomes the save allowance);
+    #: None: the config's save_checkpoint_steps.
+    save_every_steps: int | None = None
+    container: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    """What marks a node unhealthy for this job: a taint key, a label value, a condition True."""
+
+    taints: frozenset[str] = frozenset()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    conditions: frozenset[str] = frozenset()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.taints or self.labels or self.conditions)
 
 
 @dataclass(frozen=True)
@@ -119,6 +220,8 @@ class TrainingJobSpec:
     recovery: RecoverySpec = field(default_factory=RecoverySpec)
     image: str | None = None
     helpers: HelperSpec = field(default_factory=HelperSpec)
+    progress: ProgressSpec | None = None
+    node_health: NodeHealth = field(default_factory=NodeHealth)
 
     @property
     def world_size(self) -> int:
@@ -261,6 +364,13 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
             _int(c, "spec.recovery.permanentExitCodes[]") for c in rec.get("permanentExitCodes", [2])
         ),
         deadlines=deadlines,
+        rules=tuple(_rule(r, f"spec.recovery.rules[{i}]") for i, r in enumerate(rec.get("rules") or [])),
+        restart_window_seconds=(
+            _int(rec["restartWindowSeconds"], "spec.recovery.restartWindowSeconds", minimum=1)
+            if rec.get("restartWindowSeconds") is not None
+            else None
+        ),
+        quarantine=_quarantine(_map(rec.get("quarantine"), "spec.recovery.quarantine")),
     )
     if recovery.backoff_initial_seconds > recovery.backoff_max_seconds:
         raise SpecError(
@@ -300,6 +410,38 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
                 )
         elastic = ElasticSpec(min_replicas=min_replicas, valid_sizes=sizes)
 
+    progress: ProgressSpec | None = None
+    if spec.get("progress") is not None:
+        pr = _map(spec["progress"], "spec.progress")
+        pattern = pr.get("pattern", MINDFORMERS_STEP_PATTERN)
+        try:
+            compiled = re.compile(_str(pattern, "spec.progress.pattern"))
+        except re.error as exc:
+            raise SpecError(f"spec.progress.pattern is not a regular expression: {exc}") from exc
+        if "step" not in compiled.groupindex:
+            raise SpecError("spec.progress.pattern needs a named group (?P<step>...) for the step number")
+        save_every = pr.get("saveEverySteps")
+        progress = ProgressSpec(
+            pattern=pattern,
+            startup_seconds=_int(pr.get("startupSeconds", 600), "spec.progress.startupSeconds", minimum=1),
+            stall_seconds=_int(pr.get("stallSeconds", 300), "spec.progress.stallSeconds", minimum=1),
+            checkpoint_save_seconds=_int(
+                pr.get("checkpointSaveSeconds", 900), "spec.progress.checkpointSaveSeconds", minimum=1
+            ),
+            save_every_steps=(
+                _int(save_every, "spec.progress.saveEverySteps", minimum=1)
+                if save_every is not None
+                else None
+            ),
+            container=pr.get("container"),
+        )
+    nh = _map(spec.get("nodeHealth"), "spec.nodeHealth")
+    node_health = NodeHealth(
+        taints=frozenset(_str(t, "spec.nodeHealth.taints[]") for t in nh.get("taints") or []),
+        labels={str(k): str(v) for k, v in _map(nh.get("labels"), "spec.nodeHealth.labels").items()},
+        conditions=frozenset(_str(c, "spec.nodeHealth.conditions[]") for c in nh.get("conditions") or []),
+    )
+
     image = spec.get("image")
     return TrainingJobSpec(
         replicas=replicas,
@@ -311,4 +453,46 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
         recovery=recovery,
         image=image if isinstance(image, str) and image else None,
         helpers=helpers,
+        progress=progress,
+        node_health=node_health,
+    )
+
+
+def _rule(value: Any, path: str) -> FailureRule:
+    rule = _map(value, path)
+    action = rule.get("action")
+    if action not in RULE_ACTIONS:
+        raise SpecError(f"{path}.action must be one of {', '.join(RULE_ACTIONS)}, found {action!r}")
+    reasons = frozenset(_str(r, f"{path}.reasons[]") for r in rule.get("reasons") or [])
+    unknown = sorted(reasons - set(FAILURE_REASONS))
+    if unknown:
+        raise SpecError(f"{path}.reasons has {unknown}; known reasons: {', '.join(FAILURE_REASONS)}")
+    pattern = rule.get("logPattern")
+    if pattern is not None:
+        try:
+            re.compile(_str(pattern, f"{path}.logPattern"))
+        except re.error as exc:
+            raise SpecError(f"{path}.logPattern is not a regular expression: {exc}") from exc
+    codes = frozenset(_int(c, f"{path}.exitCodes[]") for c in rule.get("exitCodes") or [])
+    if not (codes or reasons or pattern):
+        raise SpecError(f"{path} matches every failure: give exitCodes, reasons or logPattern")
+    return FailureRule(action, codes, reasons, pattern)
+
+
+def _quarantine(q: Mapping[str, Any]) -> Quarantine | None:
+    if q.get("enabled") is False:
+        return None
+    defaults = Quarantine()
+    return Quarantine(
+        failures=_int(q.get("failures", defaults.failures), "spec.recovery.quarantine.failures", minimum=1),
+        window_seconds=_int(
+            q.get("windowSeconds", defaults.window_seconds),
+            "spec.recovery.quarantine.windowSeconds",
+            minimum=1,
+        ),
+        cooldown_seconds=_int(
+            q.get("cooldownSeconds", defaults.cooldown_seconds),
+            "spec.recovery.quarantine.cooldownSeconds",
+            minimum=1,
+        ),
     )

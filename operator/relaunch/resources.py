@@ -223,6 +223,9 @@ def build_worker_pod(
     for container in pod_spec.get("containers") or []:
         container = dict(container)
         container["env"] = _merge_env(env, container.get("env"))
+        # A worker that exits non-zero without writing a termination message leaves the end of its
+        # log there instead: failure rules' logPattern and lastFailure read it.
+        container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
         if spec.config is not None:
             mounts = list(container.get("volumeMounts") or [])
             mounts.append({"name": CONFIG_VOLUME, "mountPath": posixpath.dirname(spec.config.mount_path)})

@@ -52,6 +52,8 @@ is one the operator's code (relaunch.controller) or kopf makes:
 - Pods: the workers, created one per rank, listed by label, watched to notice failures
   quickly, and deleted (force-deleted on a lost node) to stop a gang; read (get) when a create
   meets "already exists", to tell our own object from a leftover of a deleted namesake.
+- Pods' logs: with spec.progress, worker 0's log is followed (get pods/log, follow=true) to
+  read the training step (the progress watchdog).
 - Services: the headless rendezvous Service, created once ("already exists" is fine when it is
   ours); read and deleted when a namesake's Service is in the way.
 - ConfigMaps: the rendered training config of each attempt (create), and the user's config
@@ -72,6 +74,9 @@ is one the operator's code (relaunch.controller) or kopf makes:
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create", "delete"]

@@ -20,7 +20,8 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import kopf
@@ -39,8 +40,17 @@ from relaunch.controller.kube import (
 )
 from relaunch.controller.loops import JobLoop, JobLoops
 from relaunch.controller.planning import RelaunchPlanner
-from relaunch.controller.reconcile import ApiProblem, Create, Result, api_problem_status, reconcile
-from relaunch.model import GROUP, PLURAL, VERSION, SpecError, check_name, parse_spec
+from relaunch.controller.progress import ProgressTracker, Target
+from relaunch.controller.reconcile import (
+    ApiProblem,
+    Create,
+    Observed,
+    ProgressView,
+    Result,
+    api_problem_status,
+    reconcile,
+)
+from relaunch.model import GROUP, PLURAL, VERSION, SpecError, TrainingJobSpec, check_name, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +94,8 @@ async def job_loop(loop: JobLoop) -> None:
         try:
             outcome = await asyncio.to_thread(run_round, io, loop.uid, RUNTIME.events)
             if outcome is None:
+                if RUNTIME.progress is not None:
+                    RUNTIME.progress.stop(loop.key)
                 return
             if outcome.problem is None:
                 failures = 0
@@ -127,6 +139,7 @@ class _Runtime:
     def __init__(self) -> None:
         self.kube: Kube | None = None
         self.events: EventRecorder | None = None
+        self.progress: ProgressTracker | None = None
         self.nodes: NodeTracker | None = None
         self.settings: kopf.OperatorSettings | None = None
         self.planner = RelaunchPlanner()
@@ -173,6 +186,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     RUNTIME.loop = asyncio.get_running_loop()
     RUNTIME.kube = Kube()
     RUNTIME.events = EventRecorder(RUNTIME.kube)
+    RUNTIME.progress = ProgressTracker(RUNTIME.kube.stream)
     RUNTIME.nodes = NodeTracker(
         RUNTIME.kube, interval=RUNTIME.node_poll_seconds, on_change=RUNTIME.wake_all_threadsafe
     )
@@ -195,6 +209,8 @@ async def cleanup(**_: Any) -> None:
     if RUNTIME.resync is not None:
         RUNTIME.resync.cancel()
     await RUNTIME.loops.shutdown()
+    if RUNTIME.progress is not None:
+        RUNTIME.progress.stop_all()
     if RUNTIME.nodes is not None:
         RUNTIME.nodes.stop()
 
@@ -235,6 +251,29 @@ def _identity(body: kopf.Body) -> dict[str, Any]:
     }
 
 
+def follow_progress(
+    tracker: ProgressTracker,
+    io: JobIO,
+    spec: TrainingJobSpec | SpecError,
+    status: Mapping[str, Any],
+    observed: Observed,
+) -> ProgressView | None:
+    """Follow the log of the current attempt's worker 0 while it runs (spec.progress); the
+    newest step it printed, if any."""
+    key = (io.namespace, io.name)
+    if isinstance(spec, SpecError) or spec.progress is None or status.get("phase") in ("Succeeded", "Failed"):
+        tracker.stop(key)
+        return None
+    attempt = int(status.get("attempt") or 0)
+    first = next((p for p in observed.pods if p.attempt == attempt and p.index == 0), None)
+    if first is not None and first.phase == "Running":
+        containers = (spec.template.get("spec") or {}).get("containers") or [{}]
+        container = spec.progress.container or containers[0].get("name")
+        tracker.follow(key, Target(io.namespace, first.name, container, attempt, spec.progress.pattern))
+    view = tracker.view(key)
+    return view if view is not None and view.attempt == attempt else None
+
+
 @dataclass
 class RoundOutcome:
     """What a round did: the reconcile result it applied, or the API problem that stopped it."""
@@ -265,6 +304,8 @@ def run_round(io: JobIO, uid: str, events: EventRecorder) -> RoundOutcome | None
     status = body.get("status") or {}
     nodes = RUNTIME.nodes.snapshot() if RUNTIME.nodes is not None else None
     observed = io.observe(spec if not isinstance(spec, SpecError) else None, nodes)
+    if RUNTIME.progress is not None:
+        observed = replace(observed, progress=follow_progress(RUNTIME.progress, io, spec, status, observed))
     ref = resources.JobRef(io.name, io.namespace, uid)
     result = reconcile(ref, spec, meta.get("generation"), status, observed, time.time(), RUNTIME.planner)
     # Creates before the status write (it records what now exists: a crash in between repeats

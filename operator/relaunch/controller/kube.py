@@ -12,12 +12,13 @@ heartbeat the operator sees, not from the node controller's (slow, tunable) NotR
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,28 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value)) if value else None
     except ValueError:
         return None  # an HTTP date: rare from the API server; our own backoff applies
+
+
+class LineStream:
+    """The lines of a streamed HTTP answer (urllib3's response read without preloading)."""
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+
+    def __iter__(self) -> Iterator[bytes]:
+        pending = b""
+        for chunk in self.response.stream(64 * 1024, decode_content=True):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            yield from lines
+        if pending:
+            yield pending
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.response.close()
+        with contextlib.suppress(Exception):
+            self.response.release_conn()
 
 
 class ForeignObjectError(KubeError):
@@ -205,6 +228,23 @@ class Kube:
             self._local.retry_after = _retry_after(response.getheader("Retry-After"))
         return response.status, payload
 
+    def stream(self, path: str, query: Mapping[str, str]) -> LineStream:
+        """A GET whose answer is read line by line as it arrives (a followed log); no read timeout."""
+        m, url, hdrs, _, _ = self.api.param_serialize(
+            method="GET",
+            resource_path=path,
+            query_params=list(query.items()),
+            header_params={"Accept": "*/*"},
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(m, url, header_params=hdrs, _request_timeout=(REQUEST_TIMEOUT, None))
+        if response.status >= 400:
+            response.read()
+            raw = response.data or b""
+            metrics.api_error("GET", resource_of(path), response.status)
+            raise KubeError(response.status, "GET", path, raw.decode(errors="replace"))
+        return LineStream(response.response)
+
     def _ok(self, method: str, path: str, status: int, payload: Any, *, tolerate: Iterable[int] = ()) -> Any:
         if 200 <= status < 300 or status in tolerate:
             return payload
@@ -315,6 +355,14 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
             finished = parse_k8s_time(term.get("finishedAt"))
     unschedulable, unschedulable_message = _unschedulable(status)
     waiting_reason, waiting_message = _waiting(status)
+    disruption = next(
+        (
+            str(c.get("reason") or "DisruptionTarget")
+            for c in status.get("conditions") or []
+            if c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        ),
+        None,
+    )
     return PodView(
         name=meta.get("name", ""),
         attempt=attempt,
@@ -330,6 +378,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         unschedulable_message=unschedulable_message,
         waiting_reason=waiting_reason,
         waiting_message=waiting_message,
+        disruption=disruption,
     )
 
 
@@ -421,6 +470,9 @@ def helper_job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -
 class _NodeState:
     ready: bool | None
     not_ready_since: float | None
+    taints: frozenset[str] = frozenset()
+    labels: Mapping[str, str] | None = None
+    true_conditions: frozenset[str] = frozenset()
 
 
 class NodeTracker:
@@ -453,7 +505,15 @@ class NodeTracker:
             if self._nodes is None:
                 return None
             return {
-                name: NodeView(name, st.ready, st.not_ready_since, self._heartbeats.get(name))
+                name: NodeView(
+                    name,
+                    st.ready,
+                    st.not_ready_since,
+                    self._heartbeats.get(name),
+                    taints=st.taints,
+                    labels=st.labels or {},
+                    true_conditions=st.true_conditions,
+                )
                 for name, st in self._nodes.items()
             }
 
@@ -463,11 +523,20 @@ class NodeTracker:
             name = (node.get("metadata") or {}).get("name", "")
             ready: bool | None = None
             since: float | None = None
+            true_conditions = set()
             for cond in (node.get("status") or {}).get("conditions") or []:
                 if cond.get("type") == "Ready":
                     ready = {"True": True, "False": False}.get(cond.get("status"))
                     since = parse_k8s_time(cond.get("lastTransitionTime"))
-            nodes[name] = _NodeState(ready, None if ready is True else since)
+                elif cond.get("status") == "True":
+                    true_conditions.add(str(cond.get("type")))
+            nodes[name] = _NodeState(
+                ready,
+                None if ready is True else since,
+                taints=frozenset(str(t.get("key")) for t in (node.get("spec") or {}).get("taints") or []),
+                labels=dict((node.get("metadata") or {}).get("labels") or {}),
+                true_conditions=frozenset(true_conditions),
+            )
         heartbeats: dict[str, float] = {}
         try:
             for lease in self.kube.list(

@@ -42,11 +42,12 @@ from __future__ import annotations
 import copy
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
+from relaunch import config as config_mod
 from relaunch import resources
-from relaunch.model import SpecError, TrainingJobSpec
+from relaunch.model import NodeHealth, SpecError, TrainingJobSpec
 
 HISTORY_LIMIT = 20
 #: How long to sleep when nothing but an event can change the answer; events wake us earlier.
@@ -88,6 +89,7 @@ class PodView:
     unschedulable_message: str | None = None  # the scheduler's words ("0/3 nodes are available: ...")
     waiting_reason: str | None = None  # a container's waiting reason (ErrImagePull, ...)
     waiting_message: str | None = None  # the kubelet's words about it
+    disruption: str | None = None  # DisruptionTarget=True's reason (PreemptionByScheduler, ...)
 
 
 #: Container waiting reasons that mean a pod will not start by itself soon: the kubelet's words
@@ -158,6 +160,20 @@ class NodeView:
     ready: bool | None = True  # Ready condition: True / False / None (Unknown or absent)
     not_ready_since: float | None = None
     last_heartbeat: float | None = None  # the node Lease's renewTime
+    taints: frozenset[str] = frozenset()  # taint keys
+    labels: Mapping[str, str] = field(default_factory=dict)
+    true_conditions: frozenset[str] = frozenset()  # condition types other than Ready that are True
+
+
+@dataclass(frozen=True)
+class ProgressView:
+    """Training progress read from worker 0's log (spec.progress): the newest step line."""
+
+    attempt: int
+    global_step: int
+    step: int
+    epoch: int | None = None
+    at: float = 0.0  # when the step line was printed
 
 
 @dataclass(frozen=True)
@@ -170,6 +186,8 @@ class Observed:
     config_text: str | None = None
     config_error: str | None = None
     foreign: tuple[ForeignObject, ...] = ()
+    #: The newest step of the current attempt (None: no step line seen yet, or no watchdog).
+    progress: ProgressView | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,12 +391,17 @@ def node_lost_at(node: NodeView | None, grace: float) -> float | None:
 
 @dataclass(frozen=True)
 class Failure:
-    reason: str  # WorkerFailed | OOMKilled | Evicted | PodDeleted | NodeLost
+    reason: str  # one of relaunch.model.FAILURE_REASONS
     message: str
     pod: str
     node: str | None = None
     exit_code: int | None = None
-    permanent: bool = False
+    action: str = "Restart"  # what spec.recovery's rules say: Restart | RestartNotCounted | Fail
+    decided_by: str = "the default rules"
+
+    @property
+    def permanent(self) -> bool:
+        return self.action == "Fail"
 
     def as_status(self, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -416,25 +439,22 @@ def detect_failure(
     wake: float | None = None
     for pod in sorted(pods, key=lambda p: p.index):
         if pod.phase == "Failed":
-            if pod.reason == "OOMKilled":
+            if pod.disruption == "PreemptionByScheduler":
+                reason, text = "Preempted", f"worker {pod.name} was preempted by a higher-priority pod"
+            elif pod.reason == "OOMKilled":
                 reason, text = "OOMKilled", f"worker {pod.name} was killed for exceeding its memory limit"
-            elif pod.reason == "Evicted":
-                reason, text = "Evicted", f"worker {pod.name} was evicted: {pod.message or 'no message'}"
+            elif pod.reason == "Evicted" or pod.disruption is not None:
+                reason = "Evicted"
+                text = f"worker {pod.name} was evicted: {pod.message or pod.disruption or 'no message'}"
             else:
                 reason = "WorkerFailed"
                 text = f"worker {pod.name} exited with code {pod.exit_code}" + (
                     f" ({pod.reason})" if pod.reason and pod.reason != "Error" else ""
                 )
-            permanent = pod.exit_code is not None and pod.exit_code in spec.recovery.permanent_exit_codes
-            if permanent:
-                text += "; spec.recovery.permanentExitCodes marks this code as not worth retrying"
+            failure = ruled(Failure(reason, text, pod.name, pod.node, pod.exit_code), spec, pod.message)
             killed = reason != "WorkerFailed" or (pod.exit_code is not None and pod.exit_code >= 128)
             failed.append(
-                (
-                    pod.finished_at if pod.finished_at is not None else now,
-                    0 if killed else 1,
-                    Failure(reason, text, pod.name, pod.node, pod.exit_code, permanent),
-                )
+                (pod.finished_at if pod.finished_at is not None else now, 0 if killed else 1, failure)
             )
             continue
         if pod.phase == "Succeeded":
@@ -453,7 +473,14 @@ def detect_failure(
             elif lost_at is not None:
                 wake = lost_at if wake is None else min(wake, lost_at)
         if pod.deleting and deleted is None:
-            deleted = Failure("PodDeleted", f"worker {pod.name} is being deleted", pod.name, pod.node)
+            if pod.disruption == "PreemptionByScheduler":
+                deleted = Failure("Preempted", f"worker {pod.name} was preempted", pod.name, pod.node)
+            elif pod.disruption is not None:
+                deleted = Failure(
+                    "Evicted", f"worker {pod.name} is being evicted ({pod.disruption})", pod.name, pod.node
+                )
+            else:
+                deleted = Failure("PodDeleted", f"worker {pod.name} is being deleted", pod.name, pod.node)
     present = {p.index for p in pods}
     missing = [i for i in range(expected) if i not in present]
     if missing and deleted is None:
@@ -462,10 +489,22 @@ def detect_failure(
     if permanent_failures:
         return permanent_failures[0], wake
     if node_lost:
-        return node_lost, wake
+        return ruled(node_lost, spec, None), wake
     if failed:
         return min(failed, key=lambda item: item[:2])[2], wake
-    return deleted, wake
+    return (ruled(deleted, spec, None) if deleted else None), wake
+
+
+def ruled(failure: Failure, spec: TrainingJobSpec, text: str | None) -> Failure:
+    """The failure with the action spec.recovery's rules give it (``text``: the failed container's
+    termination message, which log patterns are matched against)."""
+    action, decided_by = spec.recovery.action_for(failure.reason, failure.exit_code, text)
+    message = failure.message
+    if action == "Fail":
+        message += f"; {decided_by} marks this as not worth retrying"
+    elif action == "RestartNotCounted":
+        message += " (not counted as a restart)"
+    return replace(failure, action=action, decided_by=decided_by, message=message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,6 +632,7 @@ def _finished(r: _Round) -> None:
 
 def _active(r: _Round) -> None:
     st = r.status
+    _quarantined_nodes(r)  # expired quarantines leave the status (and a wake-up is set for the next)
     attempt = int(st.get("attempt") or 0)
     rec = st.get("recovery")
 
@@ -662,6 +702,7 @@ def _watch_running(r: _Round, attempt: int) -> None:
     failure, wake = detect_failure(pods, expected, r.observed.nodes, spec, r.now)
     if wake is not None:
         r.wake_in(wake - r.now)
+    failure = failure or _unhealthy_worker(r, pods) or _watch_progress(r, attempt, pods)
     if failure is not None:
         _on_failure(r, failure)
         return
@@ -705,22 +746,180 @@ def _watch_running(r: _Round, attempt: int) -> None:
         r.condition("Ready", True, "AllWorkersRunning", st["message"])
 
 
+def _unhealthy_worker(r: _Round, pods: Sequence[PodView]) -> Failure | None:
+    """A worker on a node spec.nodeHealth marks unhealthy: move the gang off it before it crashes."""
+    if not r.spec.node_health.enabled or r.observed.nodes is None:
+        return None
+    for pod in sorted(pods, key=lambda p: p.index):
+        if pod.node and pod.phase in ("Pending", "Running"):
+            why = _unhealthy(r.observed.nodes.get(pod.node), r.spec.node_health)
+            if why:
+                text = f"node {pod.node} of worker {pod.name} is unhealthy ({why}, spec.nodeHealth)"
+                return ruled(Failure("NodeUnhealthy", text, pod.name, pod.node), r.spec, None)
+    return None
+
+
+def _watch_progress(r: _Round, attempt: int, pods: Sequence[PodView]) -> Failure | None:
+    """The progress watchdog (spec.progress): a gang that prints no step within the start-up
+    allowance of running, or none within the stall allowance of the last one (the save allowance
+    after a step that saves a checkpoint), has failed. The newest step goes into the status."""
+    spec, st = r.spec.progress, r.status
+    if spec is None:
+        return None
+    since = parse_time(st.get("runningSince"))
+    if since is None:  # not every worker has run yet: the Starting deadline watches that
+        return None
+    first = next((p for p in pods if p.index == 0), None)
+    name, node = (
+        (first.name, first.node) if first else (resources.worker_pod_name(r.ref.name, attempt, 0), None)
+    )
+    view = r.observed.progress
+    if view is None or view.attempt != attempt:
+        deadline = since + spec.startup_seconds
+        if r.now < deadline:
+            r.wake_in(deadline - r.now)
+            return None
+        text = (
+            f"no training step in the log of worker {name} within {spec.startup_seconds}s of every worker "
+            "running (spec.progress.startupSeconds)"
+        )
+        return ruled(Failure("StartupTimeout", text, name, node), r.spec, None)
+    progress = {"attempt": attempt, "step": view.step, "globalStep": view.global_step, "at": iso(view.at)}
+    if view.epoch is not None:
+        progress["epoch"] = view.epoch
+    st["progress"] = progress
+    every = spec.save_every_steps or _save_every_steps(r.observed.config_text)
+    saving = every is not None and view.global_step % every == 0
+    allowance = spec.checkpoint_save_seconds if saving else spec.stall_seconds
+    deadline = max(view.at, since) + allowance
+    if r.now < deadline:
+        r.wake_in(deadline - r.now)
+        return None
+    key = "checkpointSaveSeconds" if saving else "stallSeconds"
+    text = (
+        f"no training step in the log of worker {name} for more than {allowance}s after step "
+        f"{view.global_step} (spec.progress.{key}): the gang is hung"
+    )
+    return ruled(Failure("NoProgress", text, name, node), r.spec, None)
+
+
+def _save_every_steps(config_text: str | None) -> int | None:
+    if config_text is None:
+        return None
+    try:
+        value = config_mod.read_settings(config_text).get("save_checkpoint_steps")
+    except ValueError:
+        return None
+    return value if isinstance(value, int) else None
+
+
 def _on_failure(r: _Round, failure: Failure) -> None:
     st, spec = r.status, r.spec
     st["lastFailure"] = failure.as_status(r.now)
-    restarts = int(st.get("restarts") or 0)
+    _count_node_failure(r, failure)
     if failure.permanent:
         _fail(r, "PermanentFailure", failure.message)
         return
+    if failure.action == "RestartNotCounted":
+        _start_recovery(r, failure.reason, failure.message, counted=False)
+        return
+    restarts = _restarts_in_window(r)
     if restarts >= spec.recovery.max_restarts:
+        window = spec.recovery.restart_window_seconds
         _fail(
             r,
             "MaxRestartsExceeded",
-            f"{failure.message}; the job already restarted {restarts} times "
-            f"(spec.recovery.maxRestarts is {spec.recovery.max_restarts})",
+            f"{failure.message}; the job already restarted {restarts} times"
+            + (f" in the last {window}s (spec.recovery.restartWindowSeconds)" if window else "")
+            + f" (spec.recovery.maxRestarts is {spec.recovery.max_restarts})",
         )
         return
     _start_recovery(r, failure.reason, failure.message, counted=True)
+
+
+def _restarts_in_window(r: _Round) -> int:
+    """Counted restarts that count against maxRestarts: all of them, or those of the window."""
+    window = r.spec.recovery.restart_window_seconds
+    if window is None:
+        return int(r.status.get("restarts") or 0)
+    times = [t for t in (parse_time(v) for v in r.status.get("restartTimes") or []) if t is not None]
+    return sum(1 for t in times if t > r.now - window)
+
+
+#: Failure reasons that say something about the node they happened on (quarantine counts them).
+NODE_FAILURE_REASONS = frozenset({"WorkerFailed", "NodeLost", "Evicted", "NodeUnhealthy"})
+
+
+def _count_node_failure(r: _Round, failure: Failure) -> None:
+    """Remember the failure's node; quarantine it after spec.recovery.quarantine.failures of
+    them within the window (the next attempts avoid it for the cool-down)."""
+    q = r.spec.recovery.quarantine
+    if q is None or not failure.node or failure.reason not in NODE_FAILURE_REASONS:
+        return
+    st = r.status
+    recent = [
+        f for f in st.get("nodeFailures") or [] if (parse_time(f.get("at")) or 0) > r.now - q.window_seconds
+    ]
+    recent.append({"node": failure.node, "at": iso(r.now)})
+    st["nodeFailures"] = recent[-HISTORY_LIMIT:]
+    count = sum(1 for f in recent if f.get("node") == failure.node)
+    if failure.reason == "NodeUnhealthy" or count >= q.failures:
+        why = (
+            "marked unhealthy (spec.nodeHealth)"
+            if failure.reason == "NodeUnhealthy"
+            else f"{count} failures of this job in {q.window_seconds}s"
+        )
+        _quarantine(r, failure.node, q.cooldown_seconds, why)
+
+
+def _quarantine(r: _Round, node: str, seconds: int, why: str) -> None:
+    st = r.status
+    until = iso(r.now + seconds)
+    entries = [e for e in st.get("quarantinedNodes") or [] if e.get("node") != node]
+    st["quarantinedNodes"] = [*entries, {"node": node, "until": until, "reason": why}][-HISTORY_LIMIT:]
+    r.event("Warning", "NodeQuarantined", f"node {node} is avoided by this job until {until}: {why}")
+
+
+def _quarantined_nodes(r: _Round) -> set[str]:
+    """Nodes still in quarantine; expired entries leave the status (and the next wake-up is set)."""
+    st = r.status
+    active = []
+    for entry in st.get("quarantinedNodes") or []:
+        until = parse_time(entry.get("until")) or 0
+        if until > r.now:
+            active.append(entry)
+            r.wake_in(until - r.now)
+        else:
+            r.event("Normal", "NodeReleased", f"node {entry.get('node')} is eligible again for this job")
+    if active:
+        st["quarantinedNodes"] = active
+    else:
+        st.pop("quarantinedNodes", None)
+    return {str(e.get("node")) for e in active}
+
+
+def _unhealthy(node: NodeView | None, health: NodeHealth) -> str | None:
+    """Why spec.nodeHealth marks the node unhealthy, or None."""
+    if node is None or not health.enabled:
+        return None
+    taints = sorted(node.taints & health.taints)
+    if taints:
+        return f"taint {taints[0]}"
+    for key, value in sorted(health.labels.items()):
+        if node.labels.get(key) == value:
+            return f"label {key}={value}"
+    conditions = sorted(node.true_conditions & health.conditions)
+    if conditions:
+        return f"condition {conditions[0]}=True"
+    return None
+
+
+def _avoided_nodes(r: _Round) -> list[str]:
+    """Nodes a new pod of this job must not land on: lost, quarantined, or unhealthy."""
+    avoid = _lost_nodes(r) | _quarantined_nodes(r)
+    if r.spec.node_health.enabled and r.observed.nodes is not None:
+        avoid |= {n for n, view in r.observed.nodes.items() if _unhealthy(view, r.spec.node_health)}
+    return sorted(avoid)
 
 
 def _fail(r: _Round, reason: str, message: str) -> None:
@@ -784,10 +983,16 @@ def _start_recovery(
     if counted:
         restarts = int(st.get("restarts") or 0) + 1
         st["restarts"] = restarts
+        if spec.recovery.restart_window_seconds is not None:
+            window = spec.recovery.restart_window_seconds
+            times = [v for v in st.get("restartTimes") or [] if (parse_time(v) or 0) > r.now - window]
+            st["restartTimes"] = [*times, iso(r.now)][-(spec.recovery.max_restarts + 1) :]
         delay = spec.recovery.backoff_seconds(restarts)
         if delay > 0:
             rec["notBefore"] = iso_precise(r.now + delay)
     st["recovery"] = rec
+    st.pop("runningSince", None)
+    st.pop("progress", None)
     st["phase"] = PENDING if reason == "Created" else RECOVERING
     st["message"] = f"{reason}: {message}"
     st["readyWorkers"] = 0
@@ -1001,7 +1206,7 @@ def _planning(r: _Round, rec: dict[str, Any]) -> bool:
                 config_text=r.observed.config_text,
             )
             return resources.build_plan_job(
-                r.ref, r.spec, target, command, avoid_nodes=sorted(_lost_nodes(r)), try_=try_
+                r.ref, r.spec, target, command, avoid_nodes=_avoided_nodes(r), try_=try_
             )
 
         if "planJob" not in rec:
@@ -1051,7 +1256,7 @@ def _converting(r: _Round, rec: dict[str, Any]) -> bool:
 
     def build(try_: int) -> dict[str, Any]:
         return resources.build_convert_job(
-            r.ref, r.spec, target, command, avoid_nodes=sorted(_lost_nodes(r)), try_=try_
+            r.ref, r.spec, target, command, avoid_nodes=_avoided_nodes(r), try_=try_
         )
 
     first = "convertJob" not in rec
@@ -1119,7 +1324,7 @@ def _starting(r: _Round, rec: dict[str, Any]) -> bool:
                 return False
             r.actions.append(Create(resources.build_config_map(r.ref, target, text)))
         r.actions.append(Create(resources.build_service(r.ref)))
-        avoid = sorted(_lost_nodes(r))
+        avoid = _avoided_nodes(r)
         for index in range(replicas):
             r.actions.append(
                 Create(resources.build_worker_pod(r.ref, spec, target, index, replicas, avoid_nodes=avoid))
@@ -1267,6 +1472,7 @@ def _complete_recovery(r: _Round, rec: dict[str, Any]) -> None:
             entry["fromEpoch"] = outcome.epoch
     st["recoveries"] = ([*list(st.get("recoveries") or []), entry])[-HISTORY_LIMIT:]
     st.pop("recovery", None)
+    st["runningSince"] = iso_precise(r.now)
     st["phase"] = RUNNING
     workers = int(st.get("workers") or 0)
     st["message"] = f"{workers} workers running (attempt {rec['attempt']})"
