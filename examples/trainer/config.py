@@ -84,6 +84,8 @@ class TrainConfig:
     #: The ``checkpoint:`` section; None: the legacy keys and Checkpoint 1.0 (the default).
     checkpoint2: CheckpointSection | None = None
     step_delay_seconds: float = 0.0
+    #: Extra seconds every checkpoint save takes (slow shared storage, as a large model's save is).
+    save_delay_seconds: float = 0.0
     comm_timeout_seconds: float = 60.0
     connect_timeout_seconds: float = 300.0
     # Demo-only fault injection: once every rank has finished (and checkpointed) this global step,
@@ -196,6 +198,7 @@ def parse_config(document: dict[str, Any], path: str = "<config>") -> TrainConfi
         checkpoint=monitor,
         checkpoint2=checkpoint2,
         step_delay_seconds=reader.number(document, "step_delay_seconds", 0.0),
+        save_delay_seconds=reader.number(document, "save_delay_seconds", 0.0),
         comm_timeout_seconds=reader.number(document, "comm_timeout_seconds", 60.0),
         connect_timeout_seconds=reader.number(document, "connect_timeout_seconds", 300.0),
         fail_at_global_step=reader.integer(document, "fail_at_global_step", 0, minimum=0),

@@ -179,6 +179,7 @@ class Trainer:
         local_batch = config.global_batch_size // config.data_parallel
         rows = slice(self.placement.dp_index * local_batch, (self.placement.dp_index + 1) * local_batch)
         for global_step in range(self.done_steps + 1, config.total_steps + 1):
+            started = time.monotonic()
             epoch = (global_step - 1) // config.steps_per_epoch + 1
             step = (global_step - 1) % config.steps_per_epoch + 1
             inputs, targets = model.global_batch(config, global_step)
@@ -206,7 +207,15 @@ class Trainer:
             if self.sharded_optimizer:
                 self._gather_weights()
             self.done_steps = global_step
-            log(self.rank, f"epoch {epoch} step {step} global_step {global_step} loss {loss:.8f}")
+            # MindFormers' per-step line (its loss monitor's), as a real job's log shows it: the
+            # operator's progress watchdog reads the step from it.
+            log(
+                self.rank,
+                f"{{ Epoch:[{epoch:3d}/{config.epochs:3d}], step:[{step:5d}/{config.steps_per_epoch:5d}], "
+                f"loss: {loss:.8f}, per_step_time: {(time.monotonic() - started) * 1000:.0f}ms, "
+                f"lr: {model.learning_rate(config, global_step):.6g}, overflow cond: False, loss_scale: 1.0 "
+                f"(global_step {global_step})",
+            )
             if self.rank == 0:
                 self._append_loss(epoch, step, global_step, loss)
             if (
@@ -214,6 +223,8 @@ class Trainer:
                 or global_step == config.total_steps
             ):
                 self._save(directory, prefix, epoch, step, global_step)
+                if config.save_delay_seconds:
+                    time.sleep(config.save_delay_seconds)
             if config.fail_at_global_step == global_step and self.from_scratch:
                 # Every rank finishes (and checkpoints) this step first, so the fault is deterministic.
                 self.comm.barrier()
