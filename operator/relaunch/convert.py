@@ -452,11 +452,15 @@ class Hasher:
 _fds: dict[tuple[str, int], int] = {}
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int | None = None) -> None:
     _fds.clear()
     # Die with the parent: a killed conversion must not leave workers writing into staging.
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    # The signal is armed only from here on: a parent killed between the fork and the line above
+    # has already left this worker orphaned (with tasks it may have been sent), so stop now.
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def _fd(path: str, flags: int) -> int:
@@ -938,7 +942,7 @@ def _run_jobs(
     remaining = {path: len(tasks) for path, tasks in copy_jobs.items()}
     context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_worker_init
+        workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
     ) as pool:
         kinds: dict[concurrent.futures.Future[Any], str] = {}
         for path, count in remaining.items():
