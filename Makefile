@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv lint unit e2e test demo binaries cluster-up cluster-down clean
+.PHONY: venv lint unit unit-min e2e test demo binaries cluster-up cluster-down clean
 
 $(BIN)/relaunch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,17 @@ lint: venv
 unit: venv binaries
 	$(BIN)/pytest -q tests
 
+# The unit tests again with the lowest version of each runtime dependency pyproject.toml allows.
+unit-min: binaries
+	PYTHON=$(PYTHON) bash scripts/unit-min.sh
+
 binaries:
 	bash e2e/cluster/build.sh
 
 e2e: venv binaries
 	$(BIN)/pytest -q e2e
 
-test: lint unit e2e
+test: lint unit unit-min e2e
 
 demo: venv binaries
 	$(BIN)/python -m e2e.demo
@@ -41,4 +45,4 @@ cluster-down: venv
 	$(BIN)/python -m e2e.cluster down
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-min .pytest_cache .mypy_cache .ruff_cache
