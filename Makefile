@@ -5,11 +5,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv lint unit unit-min e2e test demo binaries cluster-up cluster-down clean
+.PHONY: venv lint unit unit-min e2e test demo binaries cluster-up cluster-down lock clean
 
-$(BIN)/relaunch: pyproject.toml
+# Runtime dependencies exactly as the image has them (requirements.lock, hash-checked), then the
+# package and its development tools.
+$(BIN)/relaunch: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -43,6 +46,10 @@ cluster-up: venv binaries
 
 cluster-down: venv
 	$(BIN)/python -m e2e.cluster down
+
+# Refresh requirements.lock: every pin to the newest release pyproject.toml allows, with hashes.
+lock: venv
+	bash scripts/lock.sh --upgrade
 
 clean:
 	rm -rf $(VENV) .venv-min .pytest_cache .mypy_cache .ruff_cache
