@@ -14,14 +14,16 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md requirements.lock ./
+# The same steps tests/test_dockerfile.py runs. The locked dependencies first, in a layer of their
+# own that a change to the code alone reuses: a fresh venv, every package by hash.
+COPY requirements.lock ./
+RUN python -m venv /opt/relaunch \
+ && /opt/relaunch/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock
+# Then the project's wheel, adding nothing to what the lock installed, and the installer leaves
+# the venv (the final image never installs anything).
+COPY pyproject.toml README.md ./
 COPY operator/ operator/
-# The same steps tests/test_dockerfile.py runs: build the wheel, install the locked dependencies
-# and the wheel into a fresh venv, then drop the installer from that venv (the final image never
-# installs anything).
 RUN python -m pip wheel --no-deps --wheel-dir /dist . \
- && python -m venv /opt/relaunch \
- && /opt/relaunch/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock \
  && /opt/relaunch/bin/pip install --no-deps /dist/relaunch-*.whl \
  && /opt/relaunch/bin/pip check \
  && /opt/relaunch/bin/pip uninstall --yes pip setuptools
