@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv lint unit unit-min e2e test demo binaries cluster-up cluster-down lock clean
+.PHONY: venv lint unit unit-min e2e test demo binaries cluster-up cluster-down lock image clean
 
 # Runtime dependencies exactly as the image has them (requirements.lock, hash-checked), then the
 # package and its development tools.
@@ -46,6 +46,10 @@ cluster-up: venv binaries
 
 cluster-down: venv
 	$(BIN)/python -m e2e.cluster down
+
+# The operator image, built with podman (scripts/image.sh says how, and what it installs).
+image:
+	bash scripts/image.sh
 
 # Refresh requirements.lock: every pin to the newest release pyproject.toml allows, with hashes.
 lock: venv
