@@ -2,7 +2,8 @@
 # Build the operator image from the Dockerfile with podman (`make image`), or run podman with the
 # same configuration:
 #
-#   scripts/image.sh [build]        build; the last line of stdout is the image's name
+#   scripts/image.sh [build]        build and tag localhost/relaunch:dev; stdout: the image's ID
+#                                   (which a later build's retagging cannot change)
 #   scripts/image.sh podman ARGS    podman ARGS, e.g. `podman run --rm IMAGE relaunch --help`
 #
 # Elsewhere `docker build -t relaunch .` is all it takes (README, "Install on a real cluster").
@@ -115,12 +116,13 @@ build() {
   base=$(base_image)
   started=$(date +%s)
   log "building $TAG on $base"
-  podman build --quiet --layers --network host \
+  local id
+  id=$(podman build --quiet --layers --network host \
     --volume "$CA_BUNDLE:$CA_BUNDLE:ro" \
     --build-arg "PYTHON_IMAGE=$base" \
-    --tag "$TAG" --file Dockerfile . >/dev/null
-  log "built $TAG in $(($(date +%s) - started)) s, $(podman image inspect --format '{{.Size}}' "$TAG") bytes"
-  echo "$TAG"
+    --tag "$TAG" --file Dockerfile .)
+  log "built $TAG in $(($(date +%s) - started)) s, $(podman image inspect --format '{{.Size}}' "$id") bytes"
+  echo "$id"
 }
 
 install_tools
