@@ -1,6 +1,7 @@
 # Two commands a newcomer needs:
 #   make demo   cluster up, chart installed, sample TrainingJob trained, a worker killed, recovery shown
-#   make test   everything CI runs: lint, type-check, unit tests, end-to-end tests on the local cluster
+#   make test   everything CI runs: lint, type-check, unit tests (again on the lowest allowed
+#               dependency versions), end-to-end tests on the local cluster and the image
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
