@@ -3,9 +3,10 @@
 #
 #   docker build -t relaunch:0.1.0 .
 #
-# Stage 1 builds the wheel and installs it (with its dependencies, all binary wheels) into a
-# virtual environment; stage 2 copies only that environment onto the same slim base, so the final
-# image holds no compiler, no build front-end and no source tree.
+# Stage 1 installs the runtime dependencies exactly as requirements.lock pins them (binary wheels
+# whose sha256 must match the lock: `make lock` refreshes it), then the project's own wheel without
+# resolving anything more, into a virtual environment; stage 2 copies only that environment onto
+# the same slim base, so the final image holds no compiler, no build front-end and no source tree.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -13,13 +14,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+# The same steps tests/test_dockerfile.py runs. The locked dependencies first, in a layer of their
+# own that a change to the code alone reuses: a fresh venv, every package by hash.
+COPY requirements.lock ./
+RUN python -m venv /opt/relaunch \
+ && /opt/relaunch/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock
+# Then the project's wheel, adding nothing to what the lock installed, and the installer leaves
+# the venv (the final image never installs anything).
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
-# The same three steps tests/test_dockerfile.py runs: build the wheel, install it into a fresh
-# venv, then drop the installer from that venv (the final image never installs anything).
 RUN python -m pip wheel --no-deps --wheel-dir /dist . \
- && python -m venv /opt/relaunch \
- && /opt/relaunch/bin/pip install --only-binary=:all: /dist/relaunch-*.whl \
+ && /opt/relaunch/bin/pip install --no-deps /dist/relaunch-*.whl \
+ && /opt/relaunch/bin/pip check \
  && /opt/relaunch/bin/pip uninstall --yes pip setuptools
 
 FROM ${PYTHON_IMAGE}

@@ -1,15 +1,19 @@
 # Two commands a newcomer needs:
 #   make demo   cluster up, chart installed, sample TrainingJob trained, a worker killed, recovery shown
-#   make test   everything CI runs: lint, type-check, unit tests, end-to-end tests on the local cluster
+#   make test   everything CI runs: lint, type-check, unit tests (again on the lowest allowed
+#               dependency versions), end-to-end tests on the local cluster and the image
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv lint unit e2e test demo binaries cluster-up cluster-down clean
+.PHONY: venv lint unit unit-min e2e test demo binaries cluster-up cluster-down lock image clean
 
-$(BIN)/relaunch: pyproject.toml
+# Runtime dependencies exactly as the image has them (requirements.lock, hash-checked), then the
+# package and its development tools.
+$(BIN)/relaunch: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -23,13 +27,17 @@ lint: venv
 unit: venv binaries
 	$(BIN)/pytest -q tests
 
+# The unit tests again with the lowest version of each runtime dependency pyproject.toml allows.
+unit-min: binaries
+	PYTHON=$(PYTHON) bash scripts/unit-min.sh
+
 binaries:
 	bash e2e/cluster/build.sh
 
 e2e: venv binaries
 	$(BIN)/pytest -q e2e
 
-test: lint unit e2e
+test: lint unit unit-min e2e
 
 demo: venv binaries
 	$(BIN)/python -m e2e.demo
@@ -40,5 +48,13 @@ cluster-up: venv binaries
 cluster-down: venv
 	$(BIN)/python -m e2e.cluster down
 
+# The operator image, built with podman (scripts/image.sh says how, and what it installs).
+image:
+	bash scripts/image.sh
+
+# Refresh requirements.lock: every pin to the newest release pyproject.toml allows, with hashes.
+lock: venv
+	bash scripts/lock.sh --upgrade
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-min .pytest_cache .mypy_cache .ruff_cache

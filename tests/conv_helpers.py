@@ -4,7 +4,9 @@ The slicer here deliberately does not use ``relaunch.strategy.rank_slices``: it 
 MindSpore's own recipe (``np.split`` of the full tensor by the tensor strategy, the slice index
 from the rank's device coordinates, then ``np.split`` of dimension 0 across the optimizer
 group, whose members are found by brute force over all ranks) so that the converter is checked
-against a second implementation, not against itself.
+against a second implementation, not against itself. For the same reason the converter's
+outputs are read back with the ``safetensors`` library (:func:`read_tensors`), not with
+``relaunch.safetensors_format``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import safetensors
 
-from relaunch.safetensors_format import SafetensorsWriter, plan_file, read_header
+from relaunch.safetensors_format import SafetensorsWriter, plan_file
 from relaunch.strategy import Layout, Strategy, write_strategy_file
 
 DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1}
@@ -151,14 +154,18 @@ def write_file(path: str, entries: list[tuple[str, str, np.ndarray]], metadata: 
 
 
 def read_tensors(path: str) -> dict[str, tuple[str, np.ndarray]]:
-    header = read_header(path)
-    out = {}
+    """Every tensor of ``path`` as the ``safetensors`` library reads it: ``name -> (dtype, raw array)``.
+
+    The library's own parser checks the header (offsets, sizes, no gaps or overlaps) on its own
+    terms; the data comes back as raw bytes, so bf16 needs no framework dtype.
+    """
     with open(path, "rb") as handle:
         data = handle.read()
-    for info in header.tensors.values():
-        size = DTYPES.get(info.dtype, 1)
-        array = np.frombuffer(data[info.begin : info.end], dtype=np.dtype(f"<u{size}")).reshape(info.shape)
-        out[info.name] = (info.dtype, array)
+    out = {}
+    for name, entry in safetensors.deserialize(data):
+        size = DTYPES.get(entry["dtype"], 1)
+        array = np.frombuffer(bytes(entry["data"]), dtype=np.dtype(f"<u{size}")).reshape(entry["shape"])
+        out[name] = (entry["dtype"], array)
     return out
 
 

@@ -13,11 +13,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 from conv_helpers import (
     DTYPES,
     Model,
@@ -584,22 +586,50 @@ def test_progress_bar_on_a_terminal_goes_to_stderr(capsys: pytest.CaptureFixture
     assert capsys.readouterr().err == "another conversion into /x is running\n"
 
 
-@pytest.mark.parametrize("fast_hash", [True, False])
-def test_checksum_falls_back_to_crc32_without_libxxhash(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_hash: bool
-) -> None:
-    if fast_hash and convert._libxxhash() is None:
-        pytest.skip("libxxhash is not installed here; the crc32 case still runs")
-    if not fast_hash:
-        monkeypatch.setattr(convert, "_xxh", False)
+def test_results_are_written_with_xxh3_64_whatever_the_machine(tmp_path: Path) -> None:
     model = random_model(12, (2, 2), 1)
     files = write_shards(model, str(tmp_path / "src"))
     result = unify(files, tmp_path / "src" / "strategy", tmp_path / "u", workers=2)
-    assert result.marker["checksum"] == ("xxh3-64" if fast_hash else "crc32")
-    assert all(
-        len(entry["checksum"]) == (16 if fast_hash else 8) for entry in result.marker["files"].values()
-    )
+    assert result.marker["checksum"] == "xxh3-64"
+    assert all(len(entry["checksum"]) == 16 for entry in result.marker["files"].values())
+    # A small file's checksum is XXH3-64 of its bytes (the reference test vector for b"" is below).
+    mapping = (tmp_path / "u" / "param_name_map.json").read_bytes()
+    assert result.marker["files"]["param_name_map.json"]["checksum"] == xxhash.xxh3_64_hexdigest(mapping)
     assert_unified(model, tmp_path / "u")
+
+
+def test_hasher_gives_the_reference_digests_over_split_and_read_only_buffers() -> None:
+    data = bytes(range(256)) * 1000
+    expected = {"xxh3-64": xxhash.xxh3_64_hexdigest(data), "crc32": f"{zlib.crc32(data):08x}"}
+    for algorithm, whole in expected.items():
+        hasher = convert.Hasher(algorithm)
+        view = memoryview(data)  # read-only, like a memory-mapped page cache
+        for start in range(0, len(data), 7777):
+            hasher.update(view[start : start + 7777])
+        assert hasher.hexdigest() == whole, algorithm
+    empty = convert.Hasher("xxh3-64")
+    empty.update(memoryview(b""))
+    assert empty.hexdigest() == "2d06800538d394c2"  # XXH3_64bits("") from xxHash's own tests
+    with pytest.raises(ConversionError, match="unknown checksum 'md5'"):
+        convert.Hasher("md5")
+
+
+def test_a_result_published_with_crc32_by_an_earlier_version_is_still_complete(tmp_path: Path) -> None:
+    model = random_model(14, (2, 2), 1)
+    files = write_shards(model, str(tmp_path / "src"))
+    unify(files, tmp_path / "src" / "strategy", tmp_path / "u", workers=1)
+    marker_path = tmp_path / "u" / convert.MARKER_NAME
+    marker = json.loads(marker_path.read_text())
+    # What a machine without libxxhash wrote before: CRC-32 checksums, named in the marker.
+    marker["checksum"] = "crc32"
+    for relpath, entry in marker["files"].items():
+        if not relpath.endswith(".safetensors"):
+            entry["checksum"] = f"{zlib.crc32((tmp_path / 'u' / relpath).read_bytes()):08x}"
+    os.chmod(marker_path, 0o644)
+    marker_path.write_text(json.dumps(marker))
+    assert is_complete(tmp_path / "u") == marker
+    again = unify(files, tmp_path / "src" / "strategy", tmp_path / "u", workers=1)
+    assert again.reused and again.marker["checksum"] == "crc32"
 
 
 def test_cli_runs_a_plans_conversion_record_and_writes_the_termination_log(
@@ -873,9 +903,7 @@ def _run_into_new_file(path: Path, region: convert.Region, pieces: tuple[convert
     with open(path, "wb") as handle:
         handle.write(plan.header)
         handle.truncate(plan.file_size)
-    task = convert.TensorTask(
-        str(path), "t", plan.tensors["t"].begin, 2, region, pieces, convert.checksum_algorithm()
-    )
+    task = convert.TensorTask(str(path), "t", plan.tensors["t"].begin, 2, region, pieces, convert.CHECKSUM)
     try:
         result = convert.run_task(task)
     finally:
@@ -927,9 +955,7 @@ def test_contiguous_and_strided_paths_write_identical_bytes(
             else:
                 assert contiguous_calls == []
             outputs[label] = digest
-            convert.verify_file(
-                str(tmp_path / f"{label}.out"), plan, {"t": digest}, convert.checksum_algorithm()
-            )
+            convert.verify_file(str(tmp_path / f"{label}.out"), plan, {"t": digest}, convert.CHECKSUM)
         assert outputs["rows"] == outputs["grid"]
 
 
@@ -941,7 +967,7 @@ def test_verification_rereads_the_output_and_names_a_corrupted_tensor(
     pieces = _pieces_file(tmp_path / "src.safetensors", full, [((0, 40), (0, 8))])
     out = tmp_path / "out.safetensors"
     plan, (_, _, digest, _) = _run_into_new_file(out, ((0, 40), (0, 8)), pieces)
-    algorithm = convert.checksum_algorithm()
+    algorithm = convert.CHECKSUM
     convert.verify_file(str(out), plan, {"t": digest}, algorithm)
     with open(out, "r+b") as handle:  # one flipped bit past the first mapping window
         handle.seek(plan.tensors["t"].begin + 600)

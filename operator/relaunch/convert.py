@@ -21,7 +21,7 @@ How a conversion runs:
    byte). Otherwise (column splits) the tensor is assembled one chunk of rows at a time in a
    reused buffer, numpy gathering each piece's part from its mapped rows on unsigned-integer
    views of the element size (bit-exact for bf16 and every dtype, never through float32).
-   Checksums are XXH3-64 through the system's libxxhash, else CRC-32. Every mapping is dropped
+   Checksums are XXH3-64 (the ``xxhash`` package). Every mapping is dropped
    once used, so peak memory is a few windows per worker, whatever the size of the checkpoint.
    The kernel is asked to start writing each ~``WINDOW_BYTES`` of output back as soon as it is
    written (``sync_file_range``), so that the disk works during the copy rather than in the
@@ -44,7 +44,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import datetime
 import fcntl
@@ -65,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from relaunch import strategy as strategy_mod
 from relaunch.safetensors_format import (
@@ -132,7 +132,7 @@ class TensorTask:
     itemsize: int
     region: Region
     pieces: tuple[Piece, ...]
-    checksum: str = "crc32"
+    checksum: str = "xxh3-64"
     writeback: bool = True  # start writing the output back to disk as it is written (durable runs)
 
     @property
@@ -409,74 +409,41 @@ def plan_reshard(
 
 
 # --------------------------------------------------------------------------------------------
-# Checksums: XXH3-64 from the system's libxxhash when it is there (~3x faster than zlib's CRC-32,
-# which matters because every byte is hashed twice: when assembled from the source slices and
-# when read back), else CRC-32. The marker records which one was used.
+# Checksums: XXH3-64 (~3x faster than zlib's CRC-32, which matters because every byte is hashed
+# twice: when assembled from the source slices and when read back), from the maintained `xxhash`
+# package (the reference C implementation; a binary wheel, so every machine computes the same
+# digests). Every result is written with it. Earlier versions fell back to CRC-32 where the
+# system's libxxhash was missing; "crc32" stays readable so that what they published still verifies.
 
-_xxh: Any = None
-
-
-def _libxxhash() -> Any:
-    global _xxh
-    if _xxh is None:
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("xxhash") or "libxxhash.so.0")
-            lib.XXH3_createState.restype = ctypes.c_void_p
-            lib.XXH3_64bits_reset.argtypes = [ctypes.c_void_p]
-            lib.XXH3_64bits_update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-            lib.XXH3_64bits_digest.argtypes = [ctypes.c_void_p]
-            lib.XXH3_64bits_digest.restype = ctypes.c_uint64
-            lib.XXH3_freeState.argtypes = [ctypes.c_void_p]
-            _xxh = lib
-        except (OSError, AttributeError):
-            _xxh = False
-    return _xxh or None
-
-
-def checksum_algorithm() -> str:
-    """The checksum this machine computes fastest: ``"xxh3-64"`` or ``"crc32"``."""
-    return "xxh3-64" if _libxxhash() is not None else "crc32"
+#: The checksum every conversion writes (recorded in the marker as ``checksum``).
+CHECKSUM = "xxh3-64"
+#: Checksums a marker may name: :data:`CHECKSUM`, and CRC-32 from earlier versions.
+READABLE_CHECKSUMS = (CHECKSUM, "crc32")
 
 
 class Hasher:
-    """A streaming checksum over writable byte buffers."""
+    """A streaming checksum over byte buffers, read-only ones (a memory-mapped page cache) included."""
 
-    def __init__(self, algorithm: str) -> None:
+    def __init__(self, algorithm: str = CHECKSUM) -> None:
+        if algorithm not in READABLE_CHECKSUMS:
+            raise ConversionError(
+                f"unknown checksum {algorithm!r}; expected one of {', '.join(READABLE_CHECKSUMS)}"
+            )
         self.algorithm = algorithm
+        self._xxh = xxhash.xxh3_64() if algorithm == "xxh3-64" else None
         self._crc = 0
-        self._state: int | None = None
-        if algorithm == "xxh3-64":
-            lib = _libxxhash()
-            if lib is None:
-                raise ConversionError("xxh3-64 checksums need libxxhash, which this machine lacks")
-            self._lib = lib
-            self._state = lib.XXH3_createState()
-            lib.XXH3_64bits_reset(self._state)
-        elif algorithm != "crc32":
-            raise ConversionError(f"unknown checksum {algorithm!r}; expected xxh3-64 or crc32")
 
     def update(self, view: memoryview) -> None:
-        """Hash ``view``'s bytes; read-only views (of a memory-mapped page cache) are fine."""
-        if not view.nbytes:
-            return
-        if self._state is None:
+        if self._xxh is not None:
+            self._xxh.update(view)
+        else:
             self._crc = zlib.crc32(view, self._crc)
-            return
-        # numpy yields the address of a read-only buffer too (ctypes' from_buffer needs a writable one).
-        array = np.frombuffer(view, dtype=np.uint8)
-        self._lib.XXH3_64bits_update(self._state, array.ctypes.data, view.nbytes)
 
     def hexdigest(self) -> str:
-        if self._state is None:
-            return f"{self._crc:08x}"
-        value = self._lib.XXH3_64bits_digest(self._state)
-        self._lib.XXH3_freeState(self._state)
-        self._state = None
-        return f"{value:016x}"
-
-    def __del__(self) -> None:
-        if self._state is not None:
-            self._lib.XXH3_freeState(self._state)
+        """16 hex digits for XXH3-64 (its canonical big-endian form), 8 for CRC-32."""
+        if self._xxh is not None:
+            return self._xxh.hexdigest()
+        return f"{self._crc:08x}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,11 +452,15 @@ class Hasher:
 _fds: dict[tuple[str, int], int] = {}
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int | None = None) -> None:
     _fds.clear()
     # Die with the parent: a killed conversion must not leave workers writing into staging.
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    # The signal is armed only from here on: a parent killed between the fork and the line above
+    # has already left this worker orphaned (with tasks it may have been sent), so stop now.
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def _fd(path: str, flags: int) -> int:
@@ -971,7 +942,7 @@ def _run_jobs(
     remaining = {path: len(tasks) for path, tasks in copy_jobs.items()}
     context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_worker_init
+        workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
     ) as pool:
         kinds: dict[concurrent.futures.Future[Any], str] = {}
         for path, count in remaining.items():
@@ -1015,7 +986,7 @@ def execute(
         with open(path, "wb") as handle:
             handle.write(out.plan.header)
             handle.truncate(out.plan.file_size)
-    algorithm = checksum_algorithm()
+    algorithm = CHECKSUM
     # Per file, largest tensors first; _run_jobs decides how files interleave.
     copy_jobs = {
         os.path.join(staging, out.relpath): [
@@ -1097,7 +1068,7 @@ def _publish(staging: str, dst_dir: str, marker: dict[str, Any], *, durable: boo
 
 
 def _small_file_entry(data: bytes) -> dict[str, Any]:
-    hasher = Hasher(checksum_algorithm())
+    hasher = Hasher(CHECKSUM)
     hasher.update(memoryview(bytearray(data)))
     return {"size": len(data), "checksum": hasher.hexdigest()}
 
@@ -1142,7 +1113,7 @@ def _convert(
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "seconds": round(seconds, 3),
                 "bytes": nbytes,
-                "checksum": checksum_algorithm(),
+                "checksum": CHECKSUM,
                 "files": dict(sorted(files.items())),
                 **marker_extra,
                 **({} if durable else {"durable": False, "boot_id": boot_id()}),

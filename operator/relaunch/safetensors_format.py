@@ -4,6 +4,16 @@ Owns the byte-level facts shared by checkpoint scanning (``checkpoints``) and co
 (``convert``): an 8-byte little-endian header length, a JSON header mapping each tensor name to
 ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the end of the header)
 plus an optional ``__metadata__`` string map, then the tensor bytes.
+
+Why not the ``safetensors`` library here: its readers hand out whole tensors (``get_tensor``,
+``get_slice`` through a framework), and its writers (``save_file``, ``serialize_file``) take
+every tensor in memory at once and write the file in place. Scanning must check a file's
+header without reading its tensors; conversion must copy byte ranges of memory-mapped sources
+straight into output files created at their final size (bounded memory whatever the size of a
+checkpoint, bf16 and fp8 copied as raw bytes with no framework dtype), hashing each chunk as it
+passes, and publish them only after reading them back. So this module keeps the container's
+byte layout, and the tests check its files with the ``safetensors`` library as an independent
+reader and writer (``tests/conv_helpers.py``, ``tests/trees.py``).
 """
 
 from __future__ import annotations
