@@ -48,10 +48,25 @@ cluster running at the time.
 
 Probes: readiness and liveness (httpGet and tcpSocket against the pod IP, exec inside the
 container's namespaces); a container without a readiness probe is Ready as soon as it runs.
+Logs: each container's stdout and stderr go through one pipe (one stream, in order) to the plain
+``<pod dir>/<container>.log`` (every run appended; ``Cluster.pod_log`` reads it) and to a CRI log
+file per run, ``<pod dir>/containers/<container>/<restart>.log``, each line stamped with the time it
+arrived. Each node serves the kubelet's ``GET /containerLogs/<ns>/<pod>/<container>`` over HTTPS on
+its own address (port 10250, or one the kernel picks if that is taken anywhere, published in the
+Node's ``status.daemonEndpoints``), with a serving certificate for that address signed by the
+cluster CA, to clients with a certificate from the same CA (the API server's kubelet client): so
+``pods/log`` and ``kubectl logs [-f]`` work through the API server. Honoured: ``follow`` (chunked,
+each write flushed, until the run's output ends or the client leaves), ``tailLines`` (and the
+older ``tail``), ``limitBytes``, ``sinceSeconds``/``sinceTime``, ``timestamps``, ``previous`` (the
+run before the last). A lost node's endpoint refuses connections; a stream open when it was lost
+stops and is reset when the node comes back.
+
 Not done: startup and grpc probes (taken as passing; a startup probe also disables the
 liveness probe, which would wait for it), resource limits, ClusterIP
 Services (no kube-proxy: use headless Services and pod names), image entrypoints (a container
-needs a ``command``), ``kubectl logs``/``exec`` (logs are files: ``<pod dir>/<container>.log``).
+needs a ``command``), ``kubectl exec``/``attach``/``port-forward``, split ``stdout``/``stderr``
+log streams (the alpha ``stream`` query), authorization of log requests beyond the client
+certificate (a kubelet would ask the API server with a SubjectAccessReview).
 """
 
 from __future__ import annotations
@@ -66,10 +81,14 @@ import json
 import logging
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
 import socket
+import socketserver
+import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -81,6 +100,8 @@ from typing import Any
 
 import requests
 import urllib3
+
+from e2e.cluster.pki import ensure_leaf
 
 LOG = logging.getLogger("nodeagent")
 #: Host environment every pod process inherits (machine-level library settings, not the agent's).
@@ -446,6 +467,191 @@ def mount_script(
 
 
 # ----------------------------------------------------------------------------------------------
+# container logs, as a container runtime keeps them and a kubelet serves them
+
+#: A record of a CRI log file: ``<RFC3339 time, 9 fraction digits> <stream> <F|P> <content>\n``
+#: (``P``: a partial line, continued by the next record).
+_RECORD = re.compile(rb"(\S+) (stdout|stderr) ([FP]) (.*)", re.DOTALL)
+
+
+def rfc3339_nano(ns: int) -> str:
+    """A wall-clock time in nanoseconds as the runtime writes it (``2026-11-30T10:00:00.000000001Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
+
+
+def parse_rfc3339(text: str) -> int:
+    """RFC 3339 (``Z`` or an offset, any fraction) to nanoseconds since the epoch; ValueError if not."""
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)", text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not an RFC 3339 time")
+    seconds = int(
+        dt.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC).timestamp()
+    )
+    zone = match.group(3)
+    if zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    fraction = (match.group(2) or "").ljust(9, "0")
+    return seconds * 10**9 + int(fraction)
+
+
+def cri_records(data: bytes, stamp: str, partial_before: bool = False) -> bytes:
+    """``data`` read from a container's output at ``stamp``, as CRI log records (one per line piece)."""
+    pieces = data.split(b"\n")
+    out = [stamp.encode() + b" stdout F " + piece + b"\n" for piece in pieces[:-1]]
+    if pieces[-1]:
+        out.append(stamp.encode() + b" stdout P " + pieces[-1] + b"\n")
+    return b"".join(out)
+
+
+class LogRun:
+    """One run of a container: its output is read from a pipe and appended to the pod's plain
+    ``<container>.log`` (all runs, as the testbed always kept it) and to this run's CRI log file
+    ``containers/<container>/<restart>.log`` (each line with the time it arrived), which the
+    kubelet log endpoint serves. ``changed`` is notified on every write and at the end."""
+
+    def __init__(self, path: Path, plain: Path) -> None:
+        self.path = path
+        self.plain = plain
+        self.changed = threading.Condition()
+        self.ended = False  # the output is complete: the pipe closed, or the process exited
+        self.thread: threading.Thread | None = None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+    def start(self, read_fd: int, name: str) -> None:
+        self.thread = threading.Thread(target=self.copy, args=(read_fd,), name=f"log-{name}", daemon=True)
+        self.thread.start()
+
+    def copy(self, read_fd: int) -> None:
+        try:
+            with self.plain.open("ab") as plain, self.path.open("ab") as timed:
+                while True:
+                    try:
+                        data = os.read(read_fd, 65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        break
+                    stamp = rfc3339_nano(time.time_ns())
+                    plain.write(data)
+                    plain.flush()
+                    timed.write(cri_records(data, stamp))
+                    timed.flush()
+                    with self.changed:
+                        self.changed.notify_all()
+        finally:
+            os.close(read_fd)
+            self.end()
+
+    def end(self) -> None:
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    def finish(self, timeout: float = 2.0) -> None:
+        """The process exited: wait (bounded: a child may keep the pipe open) until its output is
+        in the files, then mark the run complete."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+        self.end()
+
+
+class LogOptions:
+    """The kubelet's ``PodLogOptions`` query (``/containerLogs/...?follow=...``) as the agent honours it."""
+
+    BOOLS = ("follow", "previous", "timestamps")
+
+    def __init__(self, query: dict[str, list[str]]) -> None:
+        def one(name: str) -> str | None:
+            values = query.get(name)
+            return values[-1] if values else None
+
+        def boolean(name: str) -> bool:
+            value = one(name)
+            if value is None or value == "":
+                return False
+            if value in ("1", "t", "T", "true", "TRUE", "True"):
+                return True
+            if value in ("0", "f", "F", "false", "FALSE", "False"):
+                return False
+            raise ValueError(f"{name}={value!r} is not a boolean")
+
+        def integer(name: str) -> int | None:
+            value = one(name)
+            return None if value is None else int(value)
+
+        self.follow, self.previous, self.timestamps = (boolean(n) for n in self.BOOLS)
+        tail = one("tail")  # the kubelet's older spelling; "all" means no limit
+        self.tail_lines = integer("tailLines") if tail is None else (None if tail == "all" else int(tail))
+        self.limit_bytes = integer("limitBytes")
+        since_seconds = integer("sinceSeconds")
+        since_time = one("sinceTime")
+        if since_seconds is not None and since_time is not None:
+            raise ValueError("at most one of sinceTime and sinceSeconds may be given")
+        if since_seconds is not None and since_seconds < 1:
+            raise ValueError("sinceSeconds must be greater than 0")
+        if self.tail_lines is not None and self.tail_lines < 0:
+            raise ValueError("tailLines must be 0 or greater")
+        if self.limit_bytes is not None and self.limit_bytes < 1:
+            raise ValueError("limitBytes must be greater than 0")
+        self.since_ns = (
+            time.time_ns() - since_seconds * 10**9
+            if since_seconds is not None
+            else (parse_rfc3339(since_time) if since_time is not None else None)
+        )
+        stream = one("stream")
+        if stream not in (None, "All"):  # the alpha PodLogsQuerySplitStreams gate is off
+            raise ValueError(f"unable to return the given log stream: {stream!r}")
+
+
+class LogRenderer:
+    """Turns CRI records into what the kubelet writes for ``options``: since-filtered, optionally
+    timestamped at each line's start, cut at ``limitBytes``."""
+
+    def __init__(self, options: LogOptions) -> None:
+        self.options = options
+        self.remain = options.limit_bytes if options.limit_bytes is not None else -1
+        self.line_start = True
+
+    @property
+    def full(self) -> bool:
+        return self.remain == 0
+
+    def render(self, records: list[bytes]) -> bytes:
+        out = []
+        for record in records:
+            if self.full:
+                break
+            match = _RECORD.fullmatch(record.rstrip(b"\n"))
+            if match is None:
+                continue
+            stamp, _, tag, content = match.groups()
+            if tag == b"F":
+                content += b"\n"
+            at_start, self.line_start = self.line_start, tag == b"F"
+            if self.options.since_ns is not None and parse_rfc3339(stamp.decode()) < self.options.since_ns:
+                continue
+            if self.options.timestamps and at_start:
+                content = stamp + b" " + content
+            if self.remain >= 0:
+                content = content[: self.remain]
+                self.remain -= len(content)
+            out.append(content)
+        return b"".join(out)
+
+
+def tail_start(records: list[bytes], lines: int | None) -> int:
+    """Index of the first record of the last ``lines`` lines (a line: partial records up to a full one)."""
+    if lines is None:
+        return 0
+    starts = [0] + [i + 1 for i, record in enumerate(records) if record.split(b" ", 3)[2:3] == [b"F"]]
+    if starts[-1] == len(records):
+        starts.pop()  # no partial line at the end
+    return starts[-lines] if 0 < lines <= len(starts) else (0 if lines > 0 else len(records))
+
+
+# ----------------------------------------------------------------------------------------------
 # pods
 
 
@@ -466,6 +672,7 @@ class Container:
         # probe kind -> {"next": monotonic time, "failures": n, "successes": n}; reset at each start
         self.probes: dict[str, dict[str, float]] = {}
         self.probed_ready = "readinessProbe" not in spec  # no probe: Ready as soon as it runs
+        self.runs: list[LogRun] = []  # one per start, oldest first (``previous`` is the one before last)
 
     @property
     def ready(self) -> bool:
@@ -813,6 +1020,8 @@ class PodWorker(threading.Thread):
 
     def record_exit(self, container: Container, code: int, allow_restart: bool = True) -> None:
         pid = container.process.pid if container.process else 0
+        if container.runs:  # its output is in the log files before the exit is reported
+            container.runs[-1].finish()
         exit_code = 128 - code if code < 0 else code  # killed by signal N: 128+N, as a runtime reports
         term: dict[str, Any] = {
             "exitCode": exit_code,
@@ -913,18 +1122,20 @@ class PodWorker(threading.Thread):
                 }
             }
             return
-        log_file = (self.dir / f"{container.name}.log").open("ab")
+        # stdout and stderr share one pipe (one stream, in order); the run's reader timestamps each line
+        read_fd, write_fd = os.pipe()
         try:
             container.process = subprocess.Popen(
                 argv,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
+                stdout=write_fd,
+                stderr=write_fd,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
                 cwd="/",
             )
         except OSError as error:
+            os.close(read_fd)
             container.state = {
                 "terminated": {
                     "exitCode": 128,
@@ -935,7 +1146,13 @@ class PodWorker(threading.Thread):
             }
             return
         finally:
-            log_file.close()
+            os.close(write_fd)
+        run = LogRun(
+            self.dir / "containers" / container.name / f"{container.restart_count}.log",
+            self.dir / f"{container.name}.log",
+        )
+        run.start(read_fd, f"{self.ns}/{self.pod_name}/{container.name}")
+        container.runs.append(run)
         container.started_at = now()
         container.started_mono = time.monotonic()
         container.probes = {}
@@ -1141,6 +1358,10 @@ class Agent:
         self.octet, self.octet_lock = claim_address_octet(self.state_dir)
         names = [n for n in args.nodes.split(",") if n]
         self.nodes = {name: NodeState(name, f"127.{self.octet}.0.{i + 1}") for i, name in enumerate(names)}
+        # each node's kubelet serving certificate, for its address and name, signed by the cluster CA
+        self.kubelet_tls = {name: self.kubelet_context(node) for name, node in self.nodes.items()}
+        self.kubelet_port = 0  # the log endpoints' port on every node address (start_kubelet_servers)
+        self.kubelet_servers: dict[str, KubeletServer] = {}
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.RLock()
         self.next_ip = 0
@@ -1157,6 +1378,74 @@ class Agent:
             n = self.next_ip
             self.next_ip += 1
         return f"127.{self.octet}.{1 + n // 250}.{1 + n % 250}"
+
+    def kubelet_context(self, node: NodeState) -> ssl.SSLContext:
+        pki_dir = self.state_dir / "pki"
+        name = f"kubelet-{node.name}"
+        ensure_leaf(pki_dir, name, f"/O=system:nodes/CN=system:node:{node.name}", "serverAuth",
+                    (f"IP:{node.ip}", f"DNS:{node.name}"))  # fmt: skip
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(pki_dir / f"{name}.crt"), str(pki_dir / f"{name}.key"))
+        context.verify_mode = ssl.CERT_REQUIRED  # the API server's kubelet client certificate
+        context.load_verify_locations(str(self.ca_file))
+        return context
+
+    def start_kubelet_servers(self, port: int) -> None:
+        """Listen on ``port`` at every node address (the kubelet's 10250 by default); if it is taken
+        anywhere, on one port the kernel picks, the same on every address."""
+        candidates = [port] + [0] * 5
+        for candidate in candidates:
+            servers: dict[str, KubeletServer] = {}
+            try:
+                for name, node in self.nodes.items():
+                    servers[name] = KubeletServer(self, node, candidate, self.kubelet_tls[name])
+                    candidate = servers[name].server_address[1]
+            except OSError as error:
+                LOG.info("kubelet port %s unavailable on a node address (%s)", candidate or "(any)", error)
+                for server in servers.values():
+                    server.server_close()
+                continue
+            self.kubelet_port = candidate
+            for name, server in servers.items():
+                self.serve_kubelet(name, server)
+            return
+        raise RuntimeError(f"no port free on every node address {[n.ip for n in self.nodes.values()]}")
+
+    def serve_kubelet(self, name: str, server: KubeletServer) -> None:
+        self.kubelet_servers[name] = server
+        threading.Thread(target=server.serve_forever, name=f"kubelet-{name}", daemon=True).start()
+
+    def stop_kubelet(self, name: str) -> None:
+        server = self.kubelet_servers.pop(name, None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def log_run(self, node: str, ns: str, name: str, container_name: str, previous: bool) -> LogRun:
+        """The run of a container whose log ``/containerLogs`` serves, as the kubelet picks it."""
+        with self.lock:
+            workers = [w for w in self.workers.values() if (w.node, w.ns, w.pod_name) == (node, ns, name)]
+        if not workers:
+            raise LogRequestError(404, f'pod "{name}" does not exist')
+        worker = workers[-1]
+        container = next(
+            (c for c in worker.init_containers + worker.containers if c.name == container_name), None
+        )
+        if container is None:
+            raise LogRequestError(404, f'container "{container_name}" not found in pod "{name}"')
+        runs = list(container.runs)
+        if previous:
+            if len(runs) < 2:
+                raise LogRequestError(
+                    400, f'previous terminated container "{container_name}" in pod "{name}" not found'
+                )
+            return runs[-2]
+        if not runs:
+            reason = (container.state.get("waiting") or {}).get("reason", "ContainerCreating")
+            raise LogRequestError(
+                400, f'container "{container_name}" in pod "{name}" is waiting to start: {reason}'
+            )
+        return runs[-1]
 
     def probe_namespaces(self) -> bool:
         try:
@@ -1455,6 +1744,8 @@ class Agent:
                 {"type": "InternalIP", "address": node.ip},
                 {"type": "Hostname", "address": node.name},
             ],
+            # where the API server finds this node's kubelet (pods/log): the node's address, this port
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {
                 "machineID": node.uid.replace("-", ""),
                 "systemUUID": node.uid,
@@ -1684,6 +1975,7 @@ class Agent:
     def lose_node(self, name: str) -> dict[str, Any]:
         node = self.nodes[name]
         node.lost = True
+        self.stop_kubelet(name)  # new connections are refused; open log streams freeze
         with self.lock:
             workers = [w for w in self.workers.values() if w.node == name]
         for worker in workers:
@@ -1696,6 +1988,12 @@ class Agent:
         node = self.nodes[name]
         node.ready_since = now()
         node.lost = False
+        try:
+            server = KubeletServer(self, node, self.kubelet_port, self.kubelet_tls[name])
+        except OSError as error:
+            LOG.warning("node %s: kubelet port %d cannot be opened again: %s", name, self.kubelet_port, error)
+        else:
+            self.serve_kubelet(name, server)
         self.node_status(node)
         self.renew_lease(node)
         self.relist.set()
@@ -1803,6 +2101,8 @@ class Agent:
     def shutdown(self) -> None:
         """Stop every pod process (SIGTERM, 3 s, SIGKILL) and remove what the agent put on the host."""
         self.stopping.set()
+        for name in list(self.kubelet_servers):
+            self.stop_kubelet(name)
         with self.lock:
             workers = list(self.workers.values())
         for worker in workers:
@@ -1817,6 +2117,164 @@ class Agent:
         remove_hosts_block(self.state_dir)
         # Mount points created on the host (/shared/output, /dev/termination-log, ...) stay: removing
         # one would detach the same path's mounts in the pods of any other cluster running now.
+
+
+# ----------------------------------------------------------------------------------------------
+# the kubelet's log endpoint, one HTTPS listener per node address
+
+HANDSHAKE_TIMEOUT_S = 10.0
+#: How often a follow stream with nothing new checks that its client and its node are still there.
+FOLLOW_CHECK_S = 1.0
+
+
+class LogRequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class KubeletServer(ThreadingHTTPServer):
+    """``GET /containerLogs/<ns>/<pod>/<container>`` (and ``/healthz``) for one node, on the node's own
+    address, as its kubelet serves them to the API server: TLS with the node's serving certificate,
+    and a client certificate signed by the cluster CA required (no authorization beyond that)."""
+
+    daemon_threads = True
+
+    def __init__(self, agent: Agent, node: NodeState, port: int, context: ssl.SSLContext) -> None:
+        self.agent = agent
+        self.node = node
+        self.context = context
+        super().__init__((node.ip, port), KubeletHandler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's would look the address up in DNS
+        self.server_name, self.server_port = self.node.name, self.server_address[1]
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # the TLS handshake runs here, in the connection's own thread, so a slow client blocks no other
+        request.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            connection = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as error:
+            LOG.info("node %s: TLS handshake with %s refused: %s", self.node.name, client_address, error)
+            return
+        try:
+            connection.settimeout(None)
+            self.RequestHandlerClass(connection, client_address, self)
+        finally:
+            with contextlib.suppress(OSError):
+                connection.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        LOG.warning("node %s: request from %s failed", self.node.name, client_address, exc_info=True)
+
+
+class ConnectionLost(Exception):
+    """The node lost power while answering: the connection is dropped without a proper end."""
+
+
+class KubeletHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: KubeletServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        LOG.info("kubelet %s: " + format, self.server.node.name, *args)
+
+    def plain(self, code: int, text: str) -> None:
+        data = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def do_GET(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        parts = [urllib.parse.unquote(p) for p in url.path.split("/") if p]
+        if parts == ["healthz"]:
+            self.plain(200, "ok")
+            return
+        if len(parts) != 4 or parts[0] != "containerLogs":
+            self.plain(404, f"404 page not found: {url.path}")
+            return
+        try:
+            options = LogOptions(urllib.parse.parse_qs(url.query, keep_blank_values=True))
+        except ValueError as error:
+            self.plain(400, f"Invalid request: {error}")
+            return
+        try:
+            run = self.server.agent.log_run(
+                self.server.node.name, parts[1], parts[2], parts[3], options.previous
+            )
+        except LogRequestError as error:
+            self.plain(error.status, str(error))
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            self.stream(run, options)
+        except ConnectionLost:
+            # a powered-off machine sends no end: reset the connection once it is back (or at shutdown)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):
+            self.close_connection = True  # the client went away
+            return
+        self.wfile.write(b"0\r\n\r\n")
+
+    def client_gone(self) -> bool:
+        """The client closed the connection (or sent something, which a log stream's client never does)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def stream(self, run: LogRun, options: LogOptions) -> None:
+        renderer = LogRenderer(options)
+        node = self.server.node
+        with run.path.open("rb") as log:
+            pending = b""
+            first = True
+            while True:
+                with run.changed:
+                    ended = run.ended  # read before the file, so nothing written before the end is missed
+                data = pending + log.read()
+                cut = data.rfind(b"\n") + 1
+                records, pending = data[:cut].splitlines(keepends=True), data[cut:]
+                if first:
+                    first = False
+                    start = tail_start(records, options.tail_lines)
+                    if options.tail_lines is not None and not options.follow:
+                        records = records[start:]  # only those lines, even if more arrive meanwhile
+                        self.chunk(renderer.render(records))
+                        return
+                    records = records[start:]
+                self.chunk(renderer.render(records))
+                if renderer.full or not options.follow:
+                    return
+                if node.lost:
+                    self.wait_for_power()
+                if ended:
+                    return
+                with run.changed:
+                    if not run.ended and log.tell() >= run.path.stat().st_size:
+                        run.changed.wait(FOLLOW_CHECK_S)
+                if self.client_gone():
+                    return
+
+    def wait_for_power(self) -> None:
+        while self.server.node.lost and not self.server.agent.stopping.is_set():
+            time.sleep(FOLLOW_CHECK_S)
+        raise ConnectionLost
 
 
 def serve_controls(agent: Agent, port: int) -> ThreadingHTTPServer:
@@ -1907,12 +2365,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-port", type=int, required=True)
     parser.add_argument("--ca-file", required=True)
     parser.add_argument(
+        "--kubelet-port",
+        type=int,
+        default=10250,
+        help="log endpoint port on each node address (else any free)",
+    )
+    parser.add_argument(
         "--path-prefix", required=True, help="prepended to PATH inside pods (the venv's bin/)"
     )
     args = parser.parse_args(argv)
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # HTTPS probes, like the kubelet's
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
     agent = Agent(args)
+    agent.start_kubelet_servers(args.kubelet_port)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -1922,9 +2387,11 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=target, name=target.__name__, daemon=True).start()
     server = serve_controls(agent, args.port)
     LOG.info(
-        "node agent ready: nodes %s, controls on 127.0.0.1:%d, mount namespaces %s",
+        "node agent ready: nodes %s, controls on 127.0.0.1:%d, kubelet endpoints on port %d, "
+        "mount namespaces %s",
         sorted(agent.nodes),
         args.port,
+        agent.kubelet_port,
         "on" if agent.namespaces_ok else "OFF",
     )
     done.wait()

@@ -8,7 +8,8 @@ Owns the state directory (default ``~/.cache/relaunch/cluster``, or ``$RELAUNCH_
     state.json            pids, ports and nodes of the running cluster
     logs/<component>.log  each component's stdout and stderr (truncated by every `up`)
     etcd/                 etcd's data
-    pods/<ns>/<pod>/<uid>/ the node agent's per-pod files: <container>.log, volumes, termination logs
+    pods/<ns>/<pod>/<uid>/ the node agent's per-pod files: <container>.log, volumes, termination logs,
+                          containers/<container>/<restart>.log (CRI format, served to `kubectl logs`)
     pv/<ns>/<claim>-<uid8>/ the folder behind each PersistentVolumeClaim (shared by the pods using it)
     (etcd/, pods/ and pv/ are wiped by every `up`; after `down` they stay for reading)
 
@@ -572,6 +573,12 @@ def up(
         f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
         "--authorization-mode=Node,RBAC", "--service-cluster-ip-range=10.96.0.0/16",
         "--allow-privileged=true", "--profiling=false",
+        # pods/log (kubectl logs) reaches the node agent's kubelet endpoint at the node's InternalIP
+        # and daemonEndpoints port, over TLS verified against the cluster CA, with this identity
+        f"--kubelet-client-certificate={pki.crt('apiserver-kubelet-client')}",
+        f"--kubelet-client-key={pki.key('apiserver-kubelet-client')}",
+        f"--kubelet-certificate-authority={pki.ca_crt}",
+        "--kubelet-preferred-address-types=InternalIP,Hostname",
     ], logs)  # fmt: skip
     cluster.save()
     wait_for(

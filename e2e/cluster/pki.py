@@ -1,14 +1,18 @@
 """Certificates and keys of the local cluster, made with the `openssl` command line tool.
 
 One CA signs everything: the API server's serving certificate, the client certificates of the
-admin (``O=system:masters``), the controller-manager and the scheduler, and (as kubeadm does)
-the controller-manager's cluster-signing requests. A separate RSA key pair signs service-account
-tokens. Everything is generated once per state directory and reused, so a warm start costs no
-key generation.
+admin (``O=system:masters``), the controller-manager, the scheduler and the API server's kubelet
+client identity (``kube-apiserver-kubelet-client``, what it shows the nodes' log endpoints), each
+node's kubelet serving certificate (made by the node agent with ``ensure_leaf``, for its node
+addresses), and (as kubeadm does) the controller-manager's cluster-signing requests. A separate
+RSA key pair signs service-account tokens. Everything is generated once per state directory and
+reused, so a warm start costs no key generation.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import tempfile
@@ -62,6 +66,7 @@ _LEAVES = (
     ("admin", "/O=system:masters/CN=relaunch-admin", "clientAuth", ()),
     ("controller-manager", "/CN=system:kube-controller-manager", "clientAuth", ()),
     ("scheduler", "/CN=system:kube-scheduler", "clientAuth", ()),
+    ("apiserver-kubelet-client", "/CN=kube-apiserver-kubelet-client", "clientAuth", ()),
 )
 
 
@@ -109,53 +114,49 @@ def ensure_pki(root: Path) -> Pki:
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=root)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=root)
     for name, subject, usage, sans in _LEAVES:
-        if pki.crt(name).exists() and pki.key(name).exists():
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            ext = Path(tmp) / "ext.cnf"
-            lines = [
-                "basicConstraints=CA:FALSE",
-                "keyUsage=critical,digitalSignature,keyEncipherment",
-                f"extendedKeyUsage={usage}",
-            ]
-            if sans:
-                lines.append("subjectAltName=" + ",".join(sans))
-            ext.write_text("\n".join(lines) + "\n")
-            csr = Path(tmp) / "req.csr"
-            _openssl(
-                "req",
-                "-new",
-                "-nodes",
-                "-newkey",
-                "rsa:2048",
-                "-keyout",
-                f"{name}.key",
-                "-out",
-                str(csr),
-                "-subj",
-                subject,
-                cwd=root,
-            )
-            _openssl(
-                "x509",
-                "-req",
-                "-in",
-                str(csr),
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "3650",
-                "-sha256",
-                "-extfile",
-                str(ext),
-                "-out",
-                f"{name}.crt",
-                cwd=root,
-            )
+        if not (pki.crt(name).exists() and pki.key(name).exists()):
+            _make_leaf(root, name, subject, usage, sans)
     for path in root.iterdir():
         if path.suffix == ".key":
             path.chmod(0o600)
+    return pki
+
+
+def _make_leaf(root: Path, name: str, subject: str, usage: str, sans: tuple[str, ...]) -> None:
+    """A new key and a certificate for it, signed by the CA in ``root``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ext = Path(tmp) / "ext.cnf"
+        lines = [
+            "basicConstraints=CA:FALSE",
+            "keyUsage=critical,digitalSignature,keyEncipherment",
+            f"extendedKeyUsage={usage}",
+        ]
+        if sans:
+            lines.append("subjectAltName=" + ",".join(sans))
+        ext.write_text("\n".join(lines) + "\n")
+        csr = Path(tmp) / "req.csr"
+        _openssl(
+            "req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", f"{name}.key", "-out", str(csr),
+            "-subj", subject, cwd=root,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", str(csr), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "3650", "-sha256", "-extfile", str(ext), "-out", f"{name}.crt", cwd=root,
+        )  # fmt: skip
+    (root / f"{name}.key").chmod(0o600)
+
+
+def ensure_leaf(root: Path, name: str, subject: str, usage: str, sans: tuple[str, ...]) -> Pki:
+    """``<name>.crt``/``.key`` in ``root`` for exactly this subject, usage and SANs, signed by the CA
+    there now; made again when any of them changed (a node agent's addresses differ between runs).
+
+    What the pair was made for is kept in ``<name>.spec`` (with the CA's fingerprint)."""
+    pki = Pki(root)
+    ca = hashlib.sha256(pki.ca_crt.read_bytes()).hexdigest()
+    spec = json.dumps({"subject": subject, "usage": usage, "sans": list(sans), "ca": ca}, sort_keys=True)
+    spec_file = root / f"{name}.spec"
+    current = spec_file.read_text() if spec_file.exists() else None
+    if current != spec or not (pki.crt(name).exists() and pki.key(name).exists()):
+        _make_leaf(root, name, subject, usage, sans)
+        spec_file.write_text(spec)
     return pki
