@@ -74,6 +74,11 @@ def test_a_paused_worker_is_a_no_progress_recovery_and_the_loss_curve_stays_bit_
     assert detected < 20 + 5 + 3, f"detected {detected:.1f}s after the pause"  # allowance + goal + a step
     last = status["lastFailure"]
     assert "hang-1-0" in last["message"] and "spec.progress.stallSeconds" in last["message"], last
+    stalled_at = status["progress"]["globalStep"]  # the live step, as the stall found it
+    assert f"after step {stalled_at}" in last["message"] and 12 <= stalled_at <= 13, (
+        status["progress"],
+        last,
+    )
     status = wait_running(jobs, wait_for, "hang", 2, 60)
     assert status["restarts"] == 1 and status["recoveries"][-1]["reason"] == "NoProgress"
     assert status["checkpoint"]["step"] > 0
@@ -82,7 +87,7 @@ def test_a_paused_worker_is_a_no_progress_recovery_and_the_loss_curve_stays_bit_
     assert {g: curve[g]["loss_hex"] for g in curve} == {
         g: reference_curve[g]["loss_hex"] for g in reference_curve
     }
-    assert jobs.status("hang")["progress"]["globalStep"] == 30
+    assert jobs.status("hang")["progress"]["globalStep"] == 30  # the last step, recorded at success
 
 
 def test_a_save_slower_than_the_stall_allowance_but_within_the_save_allowance_is_no_stall(

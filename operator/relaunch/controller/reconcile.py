@@ -691,6 +691,7 @@ def _watch_running(r: _Round, attempt: int) -> None:
     pods = _current_pods(r, attempt)
     expected = int(st.get("workers") or spec.replicas)
     if len(pods) >= expected and all(p.phase == "Succeeded" for p in pods):
+        _record_progress(r, attempt)  # the last step the workers printed
         st["phase"] = SUCCEEDED
         st["finishedGeneration"] = r.generation
         st["message"] = f"all {expected} workers of attempt {attempt} completed"
@@ -784,10 +785,7 @@ def _watch_progress(r: _Round, attempt: int, pods: Sequence[PodView]) -> Failure
             "running (spec.progress.startupSeconds)"
         )
         return ruled(Failure("StartupTimeout", text, name, node), r.spec, None)
-    progress = {"attempt": attempt, "step": view.step, "globalStep": view.global_step, "at": iso(view.at)}
-    if view.epoch is not None:
-        progress["epoch"] = view.epoch
-    st["progress"] = progress
+    _record_progress(r, attempt)
     every = spec.save_every_steps or _save_every_steps(r.observed.config_text)
     saving = every is not None and view.global_step % every == 0
     allowance = spec.checkpoint_save_seconds if saving else spec.stall_seconds
@@ -801,6 +799,21 @@ def _watch_progress(r: _Round, attempt: int, pods: Sequence[PodView]) -> Failure
         f"{view.global_step} (spec.progress.{key}): the gang is hung"
     )
     return ruled(Failure("NoProgress", text, name, node), r.spec, None)
+
+
+def _record_progress(r: _Round, attempt: int) -> None:
+    view = r.observed.progress
+    if r.spec.progress is None or view is None or view.attempt != attempt:
+        return
+    progress: dict[str, Any] = {
+        "attempt": attempt,
+        "step": view.step,
+        "globalStep": view.global_step,
+        "at": iso(view.at),
+    }
+    if view.epoch is not None:
+        progress["epoch"] = view.epoch
+    r.status["progress"] = progress
 
 
 def _save_every_steps(config_text: str | None) -> int | None:
@@ -991,8 +1004,7 @@ def _start_recovery(
         if delay > 0:
             rec["notBefore"] = iso_precise(r.now + delay)
     st["recovery"] = rec
-    st.pop("runningSince", None)
-    st.pop("progress", None)
+    st.pop("runningSince", None)  # status.progress stays: the last step of the attempt that ended
     st["phase"] = PENDING if reason == "Created" else RECOVERING
     st["message"] = f"{reason}: {message}"
     st["readyWorkers"] = 0
