@@ -1420,6 +1420,7 @@ class Agent:
         if server is not None:
             server.shutdown()
             server.server_close()
+            server.drop_idle_connections()
 
     def log_run(self, node: str, ns: str, name: str, container_name: str, previous: bool) -> LogRun:
         """The run of a container whose log ``/containerLogs`` serves, as the kubelet picks it."""
@@ -2144,7 +2145,23 @@ class KubeletServer(ThreadingHTTPServer):
         self.agent = agent
         self.node = node
         self.context = context
+        self.connections: dict[ssl.SSLSocket, bool] = {}  # open connection -> streaming a log now
+        self.connections_lock = threading.Lock()
         super().__init__((node.ip, port), KubeletHandler)
+
+    def drop_idle_connections(self) -> None:
+        """Close every connection not streaming a log (kept-alive ones included), so that the API
+        server's next request dials again (and finds nothing listening)."""
+        with self.connections_lock:
+            idle = [connection for connection, streaming in self.connections.items() if not streaming]
+        for connection in idle:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def set_streaming(self, connection: ssl.SSLSocket, streaming: bool) -> None:
+        with self.connections_lock:
+            if connection in self.connections:
+                self.connections[connection] = streaming
 
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)  # HTTPServer's would look the address up in DNS
@@ -2158,10 +2175,14 @@ class KubeletServer(ThreadingHTTPServer):
         except (ssl.SSLError, OSError) as error:
             LOG.info("node %s: TLS handshake with %s refused: %s", self.node.name, client_address, error)
             return
+        with self.connections_lock:
+            self.connections[connection] = False
         try:
             connection.settimeout(None)
             self.RequestHandlerClass(connection, client_address, self)
         finally:
+            with self.connections_lock:
+                self.connections.pop(connection, None)
             with contextlib.suppress(OSError):
                 connection.close()
 
@@ -2213,10 +2234,14 @@ class KubeletHandler(BaseHTTPRequestHandler):
         except LogRequestError as error:
             self.plain(error.status, str(error))
             return
+        if self.server.node.lost:  # the request raced the power-off: no answer
+            self.close_connection = True
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        self.server.set_streaming(self.connection, True)
         try:
             self.stream(run, options)
         except ConnectionLost:
@@ -2228,6 +2253,8 @@ class KubeletHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):
             self.close_connection = True  # the client went away
             return
+        finally:
+            self.server.set_streaming(self.connection, False)
         self.wfile.write(b"0\r\n\r\n")
 
     def client_gone(self) -> bool:
@@ -2269,7 +2296,7 @@ class KubeletHandler(BaseHTTPRequestHandler):
                     if not run.ended and log.tell() >= run.path.stat().st_size:
                         run.changed.wait(FOLLOW_CHECK_S)
                 if self.client_gone():
-                    return
+                    raise ConnectionAbortedError("the client closed the log stream")
 
     def wait_for_power(self) -> None:
         while self.server.node.lost and not self.server.agent.stopping.is_set():

@@ -3,12 +3,20 @@ controllers (Job, ReplicaSet, node lifecycle, garbage collector, RBAC) act on th
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import queue
+import re
 import shutil
+import ssl
 import subprocess
 import tempfile
 import textwrap
+import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +28,17 @@ from e2e.cluster import AgentControl
 from e2e.cluster.control import AlreadyRunning, binaries_dir, evict_pod, free_ports, up
 from e2e.nodeagent import (
     STAGE_CANDIDATES,
+    LogOptions,
+    LogRenderer,
     choose_stage,
+    cri_records,
     keep_image_visible,
     mount_script,
+    parse_rfc3339,
     parse_selector,
     process_state,
     selector_matches,
+    tail_start,
 )
 
 pytestmark = pytest.mark.e2e
@@ -988,3 +1001,219 @@ def test_a_pod_past_its_active_deadline_is_killed_with_reason_deadline_exceeded(
         )
     finally:
         node_agent.release_pods(namespace, selector)
+
+
+# ----------------------------------------------------------------------------------------------
+# pods/log: the node agent's kubelet log endpoint, reached through the API server
+
+
+def api_get(cluster: Any, path: str, timeout: float = 30) -> str:
+    """GET ``path`` from the API server as the admin (raw REST: every query parameter as given)."""
+    pki = cluster.state_dir / "pki"
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    with urllib.request.urlopen(cluster.api_url + path, context=context, timeout=timeout) as answer:
+        return str(answer.read().decode())
+
+
+def finished_pod(core: k8s.CoreV1Api, ns: str, name: str, script: str, wait_for: Any, **spec: Any) -> Any:
+    core.create_namespaced_pod(ns, pod_manifest(name, script, **spec))
+    return wait_for(lambda: phase_is(core, ns, name, "Succeeded", "Failed"), 30, describe_pod(core, ns, name))
+
+
+def test_kubectl_logs_of_a_finished_pod_returns_its_output(kube, namespace, wait_for, cluster):
+    core = k8s.CoreV1Api(kube)
+    script = """
+        import sys
+        for i in range(3):
+            print("step", i)
+        print("to stderr", file=sys.stderr)
+        sys.stdout.write("no newline at the end")
+    """
+    finished_pod(core, namespace, "done", script, wait_for)
+    kubectl = [cluster.kubectl(), f"--kubeconfig={cluster.kubeconfig}", "-n", namespace, "logs"]
+    done = subprocess.run([*kubectl, "done"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "step 0\nstep 1\nstep 2\nto stderr\nno newline at the end"
+    assert done.stdout == cluster.pod_log(namespace, "done")  # the same bytes the agent kept
+    missing = subprocess.run([*kubectl, "done", "-c", "other"], capture_output=True, text=True, timeout=30)
+    assert missing.returncode != 0 and "other" in missing.stderr
+
+
+def test_follow_through_the_api_streams_new_lines_and_ends_when_the_container_exits(
+    kube, namespace, wait_for, tmp_path
+):
+    core = k8s.CoreV1Api(kube)
+    # each line after the first waits for a file the test creates only once it has read the line before:
+    # the stream must deliver every line as it is printed, not when the container ends
+    script = """
+        import os, time
+        print("waiting", flush=True)
+        for i in range(3):
+            while not os.path.exists(f"/signal/go-{i}"):
+                time.sleep(0.05)
+            print("after", i, flush=True)
+        time.sleep(1)
+    """
+    tmp_path.chmod(0o777)
+    body = pod_manifest(
+        "talker",
+        script,
+        container={"volumeMounts": [{"name": "signal", "mountPath": "/signal"}]},
+        volumes=[{"name": "signal", "hostPath": {"path": str(tmp_path), "type": "Directory"}}],
+    )
+    core.create_namespaced_pod(namespace, body)
+    wait_for(
+        lambda: "waiting" in core.read_namespaced_pod_log("talker", namespace),
+        30,
+        describe_pod(core, namespace, "talker"),
+    )
+    response = core.read_namespaced_pod_log(
+        "talker", namespace, container="main", follow=True, _preload_content=False, _request_timeout=60
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        try:
+            for line in response:
+                lines.put(line.decode())
+        finally:
+            lines.put(None)  # the stream ended
+
+    threading.Thread(target=read, daemon=True).start()
+    assert lines.get(timeout=20) == "waiting\n"
+    for i in range(3):
+        (tmp_path / f"go-{i}").touch()
+        assert lines.get(timeout=20) == f"after {i}\n", f"line {i} printed after the request started"
+    assert lines.get(timeout=20) is None, "the stream ends when the container exits"
+    pod = wait_for(
+        lambda: phase_is(core, namespace, "talker", "Succeeded"), 20, describe_pod(core, namespace, "talker")
+    )
+    assert pod.status.container_statuses[0].state.terminated.exit_code == 0
+    response.release_conn()
+
+
+def test_pod_log_tail_lines_timestamps_limit_bytes_and_since(kube, namespace, wait_for, cluster):
+    core = k8s.CoreV1Api(kube)
+    script = """
+        import time
+        for i in range(5):
+            print("line", i, flush=True)
+            time.sleep(0.2)
+        time.sleep(2.5)
+        print("late", flush=True)
+    """
+    before = dt.datetime.now(dt.UTC)
+    pod = finished_pod(core, namespace, "counter", script, wait_for)
+    after = dt.datetime.now(dt.UTC)
+    assert core.read_namespaced_pod_log("counter", namespace, tail_lines=2) == "line 4\nlate\n"
+    assert core.read_namespaced_pod_log("counter", namespace, tail_lines=0) == ""
+    stamped = core.read_namespaced_pod_log("counter", namespace, timestamps=True).splitlines()
+    assert [line.split(" ", 1)[1] for line in stamped] == [*(f"line {i}" for i in range(5)), "late"]
+    times = []
+    for line in stamped:
+        stamp = line.split(" ", 1)[0]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", stamp), stamp
+        times.append(dt.datetime.strptime(stamp[:26] + "Z", "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC))
+    assert times == sorted(times) and before - dt.timedelta(seconds=1) < times[0] and times[-1] < after
+    assert (times[-1] - times[-2]).total_seconds() > 2, "each line carries the time it was printed"
+    assert core.read_namespaced_pod_log("counter", namespace, limit_bytes=10) == "line 0\nlin"
+    # sinceTime goes on to the node in whole seconds: the next one after line 4 comes before "late"
+    since = times[-2].replace(microsecond=0) + dt.timedelta(seconds=1)
+    query = urllib.parse.urlencode({"sinceTime": since.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    assert api_get(cluster, f"/api/v1/namespaces/{namespace}/pods/counter/log?{query}") == "late\n"
+    assert core.read_namespaced_pod_log("counter", namespace, since_seconds=3600).count("\n") == 6
+    assert pod.status.phase == "Succeeded"
+
+
+def test_previous_returns_the_log_of_the_run_before_a_restart(kube, namespace, wait_for, cluster):
+    core = k8s.CoreV1Api(kube)
+    script = """
+        import os, sys, time
+        first = not os.path.exists("/scratch/ran")
+        open("/scratch/ran", "a").close()
+        print("first run" if first else "second run", flush=True)
+        if first:
+            sys.exit(1)
+        time.sleep(600)
+    """
+    body = pod_manifest(
+        "restarts",
+        script,
+        restartPolicy="OnFailure",
+        container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+        volumes=[{"name": "scratch", "emptyDir": {}}],
+    )
+    core.create_namespaced_pod(namespace, body)
+
+    def restarted_and_running() -> bool:
+        pod = core.read_namespaced_pod("restarts", namespace)
+        statuses = pod.status.container_statuses or []
+        return bool(statuses) and statuses[0].restart_count == 1 and statuses[0].state.running is not None
+
+    wait_for(restarted_and_running, 30, describe_pod(core, namespace, "restarts"))
+    wait_for(
+        lambda: core.read_namespaced_pod_log("restarts", namespace) == "second run\n", 10, "second run's log"
+    )
+    assert core.read_namespaced_pod_log("restarts", namespace, previous=True) == "first run\n"
+    assert cluster.pod_log(namespace, "restarts") == "first run\nsecond run\n"  # the plain file keeps both
+
+
+def test_the_log_endpoint_serves_tls_for_the_node_address_and_wants_a_cluster_client_cert(kube, cluster):
+    node = k8s.CoreV1Api(kube).read_node(cluster.nodes[0])
+    address = next(a.address for a in node.status.addresses if a.type == "InternalIP")
+    port = node.status.daemon_endpoints.kubelet_endpoint.port
+    pki = cluster.state_dir / "pki"
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))  # verifies the certificate's IP
+    context.load_cert_chain(
+        str(pki / "apiserver-kubelet-client.crt"), str(pki / "apiserver-kubelet-client.key")
+    )
+    with urllib.request.urlopen(f"https://{address}:{port}/healthz", context=context, timeout=10) as answer:
+        assert answer.read() == b"ok"
+    anonymous = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"https://{address}:{port}/healthz", context=anonymous, timeout=10).read()
+
+
+def test_a_lost_nodes_pod_log_fails_instead_of_hanging(kube, namespace, wait_for, node_agent: AgentControl):
+    core = k8s.CoreV1Api(kube)
+    body = pod_manifest("stranded", 'import time\nprint("alive", flush=True)\ntime.sleep(600)')
+    core.create_namespaced_pod(namespace, body)
+    pod = wait_for(
+        lambda: phase_is(core, namespace, "stranded", "Running"),
+        30,
+        describe_pod(core, namespace, "stranded"),
+    )
+    wait_for(
+        lambda: core.read_namespaced_pod_log("stranded", namespace, _request_timeout=10) == "alive\n",
+        20,
+        "the pod's log through the API before its node is lost",
+    )
+    node_agent.lose_node(pod.spec.node_name)
+    started = time.monotonic()
+    with pytest.raises(k8s.ApiException) as refused:
+        core.read_namespaced_pod_log("stranded", namespace, _request_timeout=20)
+    assert time.monotonic() - started < 15
+    assert refused.value.status >= 500 and "connection refused" in (refused.value.body or "")
+
+
+def test_log_records_keep_partial_lines_and_render_as_the_kubelet_writes_them():
+    stamp1, stamp2 = "2026-11-30T10:00:00.000000001Z", "2026-11-30T10:00:05.000000000Z"
+    records = (cri_records(b"one\ntw", stamp1) + cri_records(b"o\nthree\n", stamp2)).splitlines(keepends=True)
+    assert records[1] == stamp1.encode() + b" stdout P tw\n"
+
+    def render(**query: str) -> bytes:
+        options = LogOptions({k: [v] for k, v in query.items()})
+        return LogRenderer(options).render(records[tail_start(records, options.tail_lines) :])
+
+    assert render() == b"one\ntwo\nthree\n"
+    assert render(tailLines="2") == b"two\nthree\n"  # a line split over two records counts once
+    assert render(tailLines="0") == b""
+    assert render(timestamps="true") == f"{stamp1} one\n{stamp1} two\n{stamp2} three\n".encode()
+    assert render(limitBytes="6") == b"one\ntw"
+    assert render(sinceTime="2026-11-30T10:00:01Z") == b"o\nthree\n"  # as the kubelet: by record time
+    assert parse_rfc3339("2026-11-30T11:00:00+01:00") == parse_rfc3339(stamp1) - 1
+    with pytest.raises(ValueError):
+        LogOptions({"sinceSeconds": ["5"], "sinceTime": ["2026-11-30T10:00:01Z"]})
+    with pytest.raises(ValueError):
+        LogOptions({"stream": ["Stderr"]})
