@@ -87,6 +87,32 @@ def summarize(title: str, rows: list[dict[str, float]]) -> dict[str, tuple[float
     return out
 
 
+def bench_cluster(kubeconfig: str | None) -> tuple[Cluster, Path | None]:
+    """The cluster of ``kubeconfig``, or one started in a temporary directory (returned, to stop)."""
+    if kubeconfig:
+        path = Path(kubeconfig).resolve()
+        cluster = Cluster.load(path.parent) or Cluster(state_dir=path.parent, kubeconfig=path)
+        cluster.kubeconfig = path
+        return cluster, None
+    own_dir = Path(tempfile.mkdtemp(prefix="relaunch-bench-"))
+    print(f"starting a cluster in {own_dir} ...", flush=True)
+    return up(own_dir, nodes=3), own_dir
+
+
+def bench_namespace(cluster: Cluster) -> tuple[Kube, str]:
+    """The admin's client, with the CRD installed, and a fresh namespace ready for pods."""
+    api = Kube(cluster.api_client())
+    install_crd(api)
+    namespace = f"bench-{uuid.uuid4().hex[:6]}"
+    api.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
+    wait(
+        lambda: api.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/default"),
+        30,
+        "default ServiceAccount",
+    )
+    return api, namespace
+
+
 def baseline_pod_start(api: Kube, namespace: str, trials: int) -> list[float]:
     """Seconds from creating a bare pod to it Running: the floor any restart pays."""
     times = []
@@ -142,25 +168,9 @@ def main() -> int:
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
-    own_dir: Path | None = None
-    if args.kubeconfig:
-        path = Path(args.kubeconfig).resolve()
-        cluster = Cluster.load(path.parent) or Cluster(state_dir=path.parent, kubeconfig=path)
-        cluster.kubeconfig = path
-    else:
-        own_dir = Path(tempfile.mkdtemp(prefix="relaunch-bench-"))
-        print(f"starting a cluster in {own_dir} ...", flush=True)
-        cluster = up(own_dir, nodes=3)
+    cluster, own_dir = bench_cluster(args.kubeconfig)
     agent = cluster.agent()
-    api = Kube(cluster.api_client())
-    install_crd(api)
-    namespace = f"bench-{uuid.uuid4().hex[:6]}"
-    api.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
-    wait(
-        lambda: api.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/default"),
-        30,
-        "default ServiceAccount",
-    )
+    api, namespace = bench_namespace(cluster)
     jobs = Jobs(api, namespace)
     shared = Path(tempfile.mkdtemp(prefix="relaunch-bench-shared-"))
     operator = OperatorProcess(cluster.kubeconfig, namespace, shared / "operator.log")

@@ -25,15 +25,14 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.recovery import parse_time, percentile, wait
-from e2e.cluster import Cluster, down, up
-from e2e.test_recovery import Jobs, OperatorProcess, install_crd, trainer_config, trainingjob
+from bench.recovery import bench_cluster, bench_namespace, parse_time, percentile, wait
+from e2e.cluster import Cluster, down
+from e2e.test_recovery import Jobs, OperatorProcess, trainer_config, trainingjob
 from relaunch.controller.kube import Kube
 
 #: A worker that prints MindFormers' step line every half second, with the time it printed it.
@@ -87,21 +86,9 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=60.0, help="seconds of each cost phase")
     args = parser.parse_args()
 
-    own_dir: Path | None = None
-    if args.kubeconfig:
-        path = Path(args.kubeconfig).resolve()
-        cluster = Cluster.load(path.parent) or Cluster(state_dir=path.parent, kubeconfig=path)
-        cluster.kubeconfig = path
-    else:
-        own_dir = Path(tempfile.mkdtemp(prefix="relaunch-bench-"))
-        print(f"starting a cluster in {own_dir} ...", flush=True)
-        cluster = up(own_dir, nodes=3)
+    cluster, own_dir = bench_cluster(args.kubeconfig)
     agent = cluster.agent()
-    api = Kube(cluster.api_client())
-    install_crd(api)
-    namespace = f"bench-{uuid.uuid4().hex[:6]}"
-    api.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
-    wait(lambda: api.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/default"), 30, "ServiceAccount")
+    api, namespace = bench_namespace(cluster)
     jobs = Jobs(api, namespace)
     shared = Path(tempfile.mkdtemp(prefix="relaunch-bench-shared-"))
     operator = OperatorProcess(cluster.kubeconfig, namespace, shared / "operator.log")

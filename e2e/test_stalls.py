@@ -227,6 +227,15 @@ def plan_pods(jobs: Jobs, name: str, attempt: int) -> list[dict[str, Any]]:
     ]
 
 
+def held_planning_pod(jobs: Jobs, wait_for: WaitFor, name: str) -> dict[str, Any]:
+    """The second attempt's planning pod, once scheduled (its node holds it before it starts)."""
+    return wait_for(
+        lambda: [p for p in plan_pods(jobs, name, 2) if p["spec"].get("nodeName")],
+        30,
+        lambda: f"a scheduled planning pod:\n{jobs.describe(name)}",
+    )[0]
+
+
 def test_an_evicted_planning_pod_is_replaced_and_the_recovery_goes_on(
     kube: Any, jobs: Jobs, operator: OperatorProcess, node_agent: Any, wait_for: WaitFor, shared: Path
 ) -> None:
@@ -239,11 +248,7 @@ def test_an_evicted_planning_pod_is_replaced_and_the_recovery_goes_on(
     node_agent.hold_pods(ns, PLAN_PODS)
     try:
         node_agent.kill_pod(ns, "evict-1-0")
-        first = wait_for(
-            lambda: [p for p in plan_pods(jobs, "evict", 2) if p["spec"].get("nodeName")],
-            30,
-            lambda: f"a scheduled planning pod:\n{jobs.describe('evict')}",
-        )[0]["metadata"]["name"]
+        first = held_planning_pod(jobs, wait_for, "evict")["metadata"]["name"]
         evict_pod(kube, ns, first)
         wait_for(
             lambda: [p for p in plan_pods(jobs, "evict", 2) if p["metadata"]["name"] != first],
@@ -298,12 +303,7 @@ def test_a_planning_pod_on_a_lost_node_is_replaced_elsewhere(
     node_agent.hold_pods(ns, PLAN_PODS)
     try:
         node_agent.kill_pod(ns, "strand-1-0")
-        pod = wait_for(
-            lambda: [p for p in plan_pods(jobs, "strand", 2) if p["spec"].get("nodeName")],
-            30,
-            lambda: f"a scheduled planning pod:\n{jobs.describe('strand')}",
-        )[0]
-        node = pod["spec"]["nodeName"]
+        node = held_planning_pod(jobs, wait_for, "strand")["spec"]["nodeName"]
         node_agent.lose_node(node)
         retried = wait_for(
             lambda: events_of(jobs, "strand", "HelperRetried"),
