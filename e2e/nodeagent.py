@@ -355,6 +355,27 @@ class Conflict(Exception):
     """A control that cannot apply to the pod as it is now (HTTP 409)."""
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it, from each process's parent in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
 class NotReadyYet(Exception):
     """Something the pod needs does not exist yet (a ConfigMap, a bound PVC): retry later."""
 
@@ -753,15 +774,25 @@ class PodWorker(threading.Thread):
         return int(meta.get("deletionGracePeriodSeconds") or 0)
 
     def signal_all(self, sig: int) -> list[int]:
-        """Send ``sig`` to the process group of every running container; returns their main pids.
+        """Send ``sig`` to every process of every running container; returns their main pids.
 
-        A stopped (paused) process keeps a SIGTERM pending without acting on it; SIGKILL ends it."""
+        Every process: the container's process group and any descendant that left it (a launcher
+        such as msrun starting its workers in sessions of their own), as a kubelet reaches every
+        process in the container's cgroup. The tree is read before any signal, so a child whose
+        parent dies first is not lost. A stopped (paused) process keeps a SIGTERM pending without
+        acting on it; SIGKILL ends it."""
         signalled = []
         for container in self.init_containers + self.containers:
             if container.running and container.process is not None:
+                pid = container.process.pid
+                tree = process_tree(pid)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(container.process.pid, sig)
-                    signalled.append(container.process.pid)
+                    os.killpg(pid, sig)
+                    signalled.append(pid)
+                for other in tree:
+                    if other != pid:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(other, sig)
         return signalled
 
     def paused_containers(self) -> list[str]:

@@ -321,3 +321,36 @@ def test_a_planning_pod_on_a_lost_node_is_replaced_elsewhere(
     ]["nodeSelectorTerms"]
     assert node in terms[0]["matchExpressions"][-1]["values"]
     assert all(p["spec"]["nodeName"] != node for p in jobs.workers("strand", 2))
+
+
+def test_a_worker_that_cannot_start_is_reported_at_once_with_the_kubelets_reason(
+    jobs: Jobs, operator: OperatorProcess, wait_for: WaitFor, shared: Path
+) -> None:
+    """A worker's environment names a Secret that does not exist: the kubelet's reason
+    (CreateContainerConfigError) and words are the job's status within seconds, not after a
+    deadline; creating the Secret lets the job run."""
+    manifest = sleeper_job("nosecret", shared)
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    ref = {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    container["env"].append({"name": "HF_TOKEN", "valueFrom": ref})
+    jobs.create(manifest)
+    status = wait_for(
+        lambda: (
+            condition(s := jobs.status("nosecret"), "Ready").get("reason") == "CreateContainerConfigError"
+            and s
+        ),
+        30,
+        lambda: f"CreateContainerConfigError:\n{jobs.describe('nosecret')}",
+    )
+    assert "cannot start: CreateContainerConfigError" in status["message"], status["message"]
+    assert "hf-token" in status["message"], status["message"]
+    assert "Stalled" not in {c["type"] for c in status.get("conditions") or []}  # at once, no deadline
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "hf-token"},
+        "stringData": {"token": "x"},
+    }
+    jobs.kube.create(f"/api/v1/namespaces/{jobs.namespace}/secrets", secret)
+    status = wait_running(jobs, wait_for, "nosecret", 1, 60)
+    assert status.get("restarts", 0) == 0

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from e2e.test_recovery import (  # the fixtures are shared with the recovery scenarios
     Jobs,
     OperatorProcess,
@@ -218,3 +220,63 @@ def test_a_node_marked_unhealthy_moves_the_gang_off_it_before_it_crashes(
         assert [q["node"] for q in status["quarantinedNodes"]] == [node]
     finally:
         api.merge_patch(f"/api/v1/nodes/{node}", {"spec": {"taints": None}})
+
+
+MINDSPORE_ENV = Path.home() / ".cache" / "relaunch" / "mindspore-env"
+#: Each pod runs its rank with ``msrun``. msrun starts the cluster's scheduler on the node whose
+#: own address is the master address; on the testbed every pod shares the host's network
+#: namespace, where msrun's check (the interfaces' addresses, then the kernel's source address
+#: for the master's, 127.0.0.1 on loopback) cannot tell, so pod 0 starts the scheduler itself,
+#: with MindSpore's environment-variable launch (MS_ROLE=MS_SCHED), and every pod's msrun joins it.
+MSRUN = f"""
+export PATH={MINDSPORE_ENV}/bin:$PATH
+until MASTER_IP=$(getent hosts "$MS_SCHED_HOST" | awk '{{print $1}}') && [ -n "$MASTER_IP" ]
+do sleep 0.2; done
+if [ "$MS_NODE_RANK" = 0 ]; then
+  MS_ROLE=MS_SCHED MS_SCHED_HOST=$MASTER_IP python -m e2e.mindspore.dp_allreduce > /tmp/scheduler.log 2>&1 &
+fi
+exec msrun --worker_num=$MS_WORKER_NUM --local_worker_num=1 --node_rank=$MS_NODE_RANK \\
+  --master_addr=$MASTER_IP --master_port=$MS_SCHED_PORT --join=True --log_dir=/tmp/msrun \\
+  e2e/mindspore/dp_allreduce.py
+"""
+
+
+@pytest.mark.skipif(
+    not (MINDSPORE_ENV / "bin" / "msrun").exists(),
+    reason=f"optional MindSpore environment absent ({MINDSPORE_ENV}); see tests/conv_mindspore.py",
+)
+def test_a_real_mindspore_job_hung_in_allreduce_is_recovered_and_a_killed_worker_too(
+    cluster: Any, jobs: Jobs, operator: OperatorProcess, node_agent: Any, wait_for: WaitFor, shared: Path
+) -> None:
+    """Two pods, each running one rank under msrun, all-reduce every step over MindSpore's own
+    collectives. Worker 1 stopped (SIGSTOP) leaves rank 0 blocked inside AllReduce: the watchdog
+    restarts the gang (NoProgress). Then worker 1 is killed: a real crash, recovered as one."""
+    progress = {"startupSeconds": 120, "stallSeconds": 15}
+    jobs.create(sh_job("ms", shared, MSRUN, progress=progress, recovery={"backoff": {"initialSeconds": 0}}))
+    wait_running(jobs, wait_for, "ms", 1, 90)
+    # The collective really sums over both ranks: rank r gives r + step, so step 3 reduces to 7.
+    wait_for(
+        lambda: (
+            "step:[    3/" in (log := cluster.pod_log(jobs.namespace, "ms-1-0")) and "allreduce: 7" in log
+        ),
+        120,
+        lambda: f"rank 0's third step:\n{cluster.pod_log(jobs.namespace, 'ms-1-0')[-2000:]}",
+    )
+    node_agent.pause_pod(jobs.namespace, "ms-1-1")
+    status = wait_for(
+        lambda: (s := jobs.status("ms")).get("lastFailure", {}).get("reason") == "NoProgress" and s,
+        60,
+        lambda: f"NoProgress:\n{jobs.describe('ms')}",
+    )
+    assert "spec.progress.stallSeconds" in status["lastFailure"]["message"]
+    wait_running(jobs, wait_for, "ms", 2, 120)
+    wait_for(
+        lambda: "step:[    2/" in cluster.pod_log(jobs.namespace, "ms-2-0"),
+        120,
+        lambda: f"attempt 2 training:\n{cluster.pod_log(jobs.namespace, 'ms-2-0')[-2000:]}",
+    )
+    node_agent.kill_pod(jobs.namespace, "ms-2-1")
+    status = wait_running(jobs, wait_for, "ms", 3, 120)
+    assert status["lastFailure"]["reason"] == "WorkerFailed" and status["lastFailure"]["pod"] == "ms-2-1"
+    assert [r["reason"] for r in status["recoveries"]] == ["Created", "NoProgress", "WorkerFailed"]
+    assert status["restarts"] == 2

@@ -464,3 +464,25 @@ def test_a_spec_edit_that_leaves_config_and_template_alone_is_a_plain_restart() 
     sim.finish_deletions()
     sim.step()
     assert sim.planner.commands[-1]["reason"] == "ConfigChanged"
+
+
+def test_a_conversion_pod_killed_is_tried_again_then_gives_up_naming_the_cause() -> None:
+    sim = Sim()
+    sim.start_running()
+    sim.spec_body = make_spec(replicas=4, recovery={"backoff": {"initialSeconds": 0}})
+    sim.step()
+    sim.finish_deletions()
+    sim.step()
+    convert = {"convert_command": ["relaunch", "convert", "unify"], "step": 5, "epoch": 1, "ranks": 2}
+    sim.finish_job("demo-plan-2", plan("convert", **convert))
+    sim.step()
+    assert sim.status["phase"] == "Converting"
+    for try_ in range(1, HELPER_MAX_TRIES + 1):
+        name = resources.convert_job_name("demo", 2, try_)
+        sim.step(dt=30)
+        assert name in sim.jobs, (name, sim.status["message"])
+        sim.jobs[name] = HelperJobView(name, failed=True, exit_code=137, pod_reason="OOMKilled")
+        sim.step()
+    failed = condition(sim.status, "Failed")
+    assert failed["reason"] == "ConversionFailed"
+    assert "memory limit" in failed["message"] and "gave up after 3 tries" in failed["message"]

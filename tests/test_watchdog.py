@@ -319,3 +319,16 @@ def test_the_tracker_replaces_the_follower_of_an_older_attempt() -> None:
     assert tracker._followers[key] is not first and first.stopped.is_set()
     tracker.stop_all()
     assert tracker.view(key) is None
+
+
+def test_the_live_step_is_rewritten_at_most_every_30_s_of_training() -> None:
+    sim = watched(stallSeconds=600)
+    sim.progress = ProgressView(attempt=1, global_step=3, step=3, epoch=1, at=sim.now)
+    sim.step(dt=1)
+    assert sim.status["progress"]["globalStep"] == 3
+    sim.progress = ProgressView(attempt=1, global_step=20, step=10, epoch=2, at=sim.now + 20)
+    sim.step(dt=21)
+    assert sim.status["progress"]["globalStep"] == 3  # 20 s of training later: not yet
+    sim.progress = ProgressView(attempt=1, global_step=31, step=1, epoch=4, at=sim.now + 11)
+    sim.step(dt=12)
+    assert sim.status["progress"]["globalStep"] == 31

@@ -691,7 +691,7 @@ def _watch_running(r: _Round, attempt: int) -> None:
     pods = _current_pods(r, attempt)
     expected = int(st.get("workers") or spec.replicas)
     if len(pods) >= expected and all(p.phase == "Succeeded" for p in pods):
-        _record_progress(r, attempt)  # the last step the workers printed
+        _record_progress(r, attempt, now=True)  # the last step the workers printed
         st["phase"] = SUCCEEDED
         st["finishedGeneration"] = r.generation
         st["message"] = f"all {expected} workers of attempt {attempt} completed"
@@ -793,6 +793,7 @@ def _watch_progress(r: _Round, attempt: int, pods: Sequence[PodView]) -> Failure
     if r.now < deadline:
         r.wake_in(deadline - r.now)
         return None
+    _record_progress(r, attempt, now=True)  # the step the gang stalled after
     key = "checkpointSaveSeconds" if saving else "stallSeconds"
     text = (
         f"no training step in the log of worker {name} for more than {allowance}s after step "
@@ -801,9 +802,20 @@ def _watch_progress(r: _Round, attempt: int, pods: Sequence[PodView]) -> Failure
     return ruled(Failure("NoProgress", text, name, node), r.spec, None)
 
 
-def _record_progress(r: _Round, attempt: int) -> None:
+#: The live step in status.progress is rewritten at most this often while the job trains (each
+#: write is an API request and an event for every watcher of the job), and at once when the
+#: job succeeds or the watchdog stops it.
+PROGRESS_REFRESH_SECONDS = 30.0
+
+
+def _record_progress(r: _Round, attempt: int, *, now: bool = False) -> None:
     view = r.observed.progress
     if r.spec.progress is None or view is None or view.attempt != attempt:
+        return
+    old = r.status.get("progress") or {}
+    recorded = parse_time(old.get("at"))
+    fresh = recorded is not None and view.at - recorded < PROGRESS_REFRESH_SECONDS
+    if not now and old.get("attempt") == attempt and fresh:
         return
     progress: dict[str, Any] = {
         "attempt": attempt,
