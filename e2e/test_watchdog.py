@@ -73,7 +73,7 @@ def test_a_paused_worker_is_a_no_progress_recovery_and_the_loss_curve_stays_bit_
         lambda: f"NoProgress:\n{jobs.describe('hang')}",
     )
     detected = time.monotonic() - paused
-    assert detected < 20 + 5 + 3, f"detected {detected:.1f}s after the pause"  # allowance + goal + a step
+    assert detected < 25, f"detected {detected:.1f}s after the pause"  # a 20 s allowance
     last = status["lastFailure"]
     assert "hang-1-0" in last["message"] and "spec.progress.stallSeconds" in last["message"], last
     stalled_at = status["progress"]["globalStep"]  # the live step, as the stall found it
