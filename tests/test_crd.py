@@ -182,6 +182,7 @@ def test_every_property_is_documented(crd: dict[str, Any]) -> None:
         ({"checkpoint": {"dir": "/c", "resume": "Unified"}}, "spec.checkpoint.unifiedDir"),
         ({"template": {"spec": {"containers": []}}}, "spec.template.spec.containers"),
         ({"config": {"text": "a: 1", "inline": {"a": 1}}}, "spec.config"),
+        ({"suspend": "yes"}, "spec.suspend"),
     ],
 )
 def test_model_names_the_bad_field(patch: dict[str, Any], field: str) -> None:
