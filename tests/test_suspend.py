@@ -284,3 +284,43 @@ def test_a_finished_job_stays_finished_while_suspended() -> None:
     set_suspend(sim, True)
     result = sim.step()
     assert sim.status["phase"] == "Succeeded" and result.actions == []
+
+
+def test_resuming_a_shrunk_job_grows_it_back_to_spec_replicas() -> None:
+    sim = Sim(
+        make_spec(
+            replicas=4,
+            elastic={"minReplicas": 1},
+            recovery={"nodeLossGraceSeconds": 10, "backoff": {"initialSeconds": 0}},
+        )
+    )
+    sim.start_running()
+    sim.fail_pod("demo-1-3")
+    sim.step()
+    sim.finish_deletions()
+    sim.step()
+    sim.finish_job("demo-plan-2", plan("resume", step=5, epoch=1, ranks=4))
+    sim.step()
+    for name in ("demo-2-0", "demo-2-1"):
+        sim.pods[name] = PodView(**{**sim.pods[name].__dict__, "phase": "Running", "node": "n2"})
+    for name in ("demo-2-2", "demo-2-3"):
+        sim.pods[name] = PodView(**{**sim.pods[name].__dict__, "unschedulable_since": sim.now})
+    sim.step(dt=11)
+    sim.finish_deletions()
+    sim.step()
+    sim.finish_job("demo-plan-3", plan("resume", step=5, epoch=1, ranks=4))
+    sim.step()
+    sim.run_all()
+    sim.step()
+    assert sim.status["workers"] == 2 and sim.status["replicasRequested"] == 4
+
+    set_suspend(sim, True)
+    sim.step()
+    stop_gracefully(sim)
+    set_suspend(sim, False)
+    result = sim.step()
+    rec = sim.status["recovery"]
+    assert (rec["reason"], rec["replicas"], rec["fromWorldSize"]) == ("Resumed", 4, 2)
+    assert any(e.reason == "Resumed" and "elastic shrink" in e.message for e in result.events)
+    assert (sim.planner.commands[-1]["world_size"], sim.planner.commands[-1]["previous_world_size"]) == (4, 2)
+    assert sim.status["restarts"] == 1  # the failure before the shrink, and nothing since

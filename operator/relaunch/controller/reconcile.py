@@ -735,13 +735,15 @@ def _resume(r: _Round) -> None:
     never started starts as a new job would."""
     st, spec = r.status, r.spec
     attempt = int(st.get("attempt") or 0)
-    previous = int(st.get("workers") or 0)
-    size = f"{spec.replicas} workers" + (
-        f" (spec.replicas changed from {previous} while suspended)"
-        if attempt and previous and previous != spec.replicas
-        else ""
-    )
-    message = f"spec.suspend was cleared: {'resuming' if attempt else 'starting'} with {size}"
+    workers = int(st.get("workers") or 0)
+    requested = int(st.get("replicasRequested") or workers)
+    note = ""
+    if attempt and requested and requested != spec.replicas:
+        note = f" (spec.replicas changed from {requested} while suspended)"
+    elif attempt and workers and workers != spec.replicas:
+        note = f" (the last gang had {workers}: an elastic shrink)"
+    what = "resuming" if attempt else "starting"
+    message = f"spec.suspend was cleared: {what} with {spec.replicas} workers{note}"
     r.condition("Suspended", False, "Resumed", message)
     r.event("Normal", "Resumed", message)
     if attempt == 0:
