@@ -4,11 +4,13 @@
 A job created suspended creates no pod until it is admitted; a running job that is suspended
 stops its workers gracefully (SIGTERM, the pods' grace period), shows Suspended and counts no
 restart, and once admitted again resumes from its newest complete step and finishes with the
-loss curve of an uninterrupted run; a suspend in the middle of planning is obeyed at once.
+loss curve of an uninterrupted run; a suspend in the middle of planning is obeyed at once; a
+job resized while suspended (a queue admitting it with less quota) resumes converted.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -204,3 +206,35 @@ def test_a_suspend_during_planning_is_obeyed_at_once(
     status = wait_running(jobs, wait_for, "midplan", 2, 60)
     assert status.get("restarts", 0) == 0
     assert [e["reason"] for e in status["recoveries"]] == ["Created", "Created"]
+
+
+def test_a_job_resized_while_suspended_resumes_converted_on_the_new_size(
+    jobs: Jobs, operator: OperatorProcess, wait_for: WaitFor, shared: Path
+) -> None:
+    """A queue that admits the job again with less quota: spec.replicas 4 -> 2 while suspended.
+    Nothing starts while suspended; admitted, the newest checkpoint is converted to 2 ranks and
+    training goes on from it, with no restart counted."""
+    config = trainer_config(data_parallel=4, step_delay_seconds=0.4)
+    jobs.create(trainingjob("shrunk", shared, config, replicas=4))
+    wait_running(jobs, wait_for, "shrunk", 1, 60)
+    wait_for(lambda: (1, 10) in complete_steps(shared, 4), 60, "step 10 saved on all 4 ranks")
+    suspend(jobs, "shrunk", True)
+    wait_suspended(jobs, wait_for, "shrunk", 30)
+    jobs.merge_patch("shrunk", {"spec": {"replicas": 2}})
+    time.sleep(3)
+    assert jobs.workers("shrunk") == [] and jobs.status("shrunk")["phase"] == "Suspended"
+
+    suspend(jobs, "shrunk", False)
+    status = wait_running(jobs, wait_for, "shrunk", 2, 90)
+    assert status["workers"] == 2 and status["worldSize"] == 2
+    assert status.get("restarts", 0) == 0
+    entry = status["recoveries"][-1]
+    assert (entry["reason"], entry["converted"], entry["counted"]) == ("Resumed", True, False), entry
+    assert json.loads(status["lastConversion"])["world_size"] == 2
+
+    wait_phase(jobs, wait_for, "shrunk", "Succeeded", 120)
+    curve = loss_curve(shared)
+    assert sorted(curve) == list(range(1, 31))
+    resumed = [e for e in curve.values() if e["attempt"] == 2]
+    assert resumed and all(e["world"] == 2 for e in resumed)
+    assert min(e["global_step"] for e in resumed) == (entry["fromEpoch"] - 1) * 10 + entry["fromStep"] + 1
