@@ -324,3 +324,29 @@ def test_resuming_a_shrunk_job_grows_it_back_to_spec_replicas() -> None:
     assert any(e.reason == "Resumed" and "elastic shrink" in e.message for e in result.events)
     assert (sim.planner.commands[-1]["world_size"], sim.planner.commands[-1]["previous_world_size"]) == (4, 2)
     assert sim.status["restarts"] == 1  # the failure before the shrink, and nothing since
+
+
+def test_suspend_while_the_new_workers_are_starting_stops_them_and_drops_the_recovery() -> None:
+    sim = Sim()
+    sim.start_running()
+    sim.fail_pod("demo-1-0")
+    sim.step()
+    sim.finish_deletions()
+    sim.step()
+    sim.finish_job("demo-plan-2", plan("resume", step=5, epoch=1, ranks=2))
+    sim.step()
+    assert sim.status["recovery"]["stage"] == "Starting" and sim.status["attempt"] == 2
+    assert sorted(sim.pods) == ["demo-2-0", "demo-2-1"]  # created, still Pending
+
+    set_suspend(sim, True)
+    result = sim.step()
+    assert sorted(a.name for a in result.actions if isinstance(a, DeletePod)) == ["demo-2-0", "demo-2-1"]
+    assert sim.status["phase"] == "Suspended" and "recovery" not in sim.status
+    entry = sim.status["recoveries"][-1]
+    assert (entry["attempt"], entry["supersededBy"]) == (2, "Suspended") and "restartedAt" not in entry
+    stop_gracefully(sim)
+    set_suspend(sim, False)
+    sim.step()
+    rec = sim.status["recovery"]
+    assert (rec["reason"], rec["attempt"], rec["fromWorldSize"]) == ("Resumed", 3, 2)
+    assert sim.status["restarts"] == 1
