@@ -93,6 +93,22 @@ def test_every_status_field_the_controller_writes_is_declared(crd: dict[str, Any
     sim.step()
     seen.append(sim.status)
     assert sim.status["phase"] == "Failed"
+    # Suspended in the middle of a conversion, then resumed.
+    sim = Sim(make_spec(replicas=2))
+    sim.start_running()
+    sim.spec_body = make_spec(replicas=1)
+    sim.step()
+    sim.finish_deletions()
+    sim.step()
+    sim.finish_job("demo-plan-2", plan("convert", step=5, convert_command=["c"], conversion_record="{}"))
+    sim.step()
+    sim.spec_body = make_spec(replicas=1, suspend=True)
+    sim.step()
+    seen.append(sim.status)
+    assert sim.status["phase"] == "Suspended"
+    sim.spec_body = make_spec(replicas=1, suspend=False)
+    sim.step()
+    seen.append(sim.status)
     for status in seen:
         assert undeclared(status, status_schema, "status") == []
 
@@ -106,6 +122,7 @@ def test_phase_enum_matches_the_state_machine(crd: dict[str, Any]) -> None:
         reconcile.RUNNING,
         reconcile.RECOVERING,
         reconcile.CONVERTING,
+        reconcile.SUSPENDED,
         reconcile.SUCCEEDED,
         reconcile.FAILED,
     }
@@ -121,6 +138,16 @@ def test_defaults_match_the_model(crd: dict[str, Any]) -> None:
     assert recovery["backoff"]["properties"]["maxSeconds"]["default"] == model.backoff_max_seconds
     assert set(recovery["permanentExitCodes"]["default"]) == set(model.permanent_exit_codes)
     assert spec["ranksPerWorker"]["default"] == 1
+    assert (
+        spec["suspend"]["default"]
+        is parse_spec(
+            {
+                "replicas": 1,
+                "template": {"spec": {"containers": [{"name": "t"}]}},
+                "checkpoint": {"dir": "/c"},
+            }
+        ).suspend
+    )
     assert spec["checkpoint"]["properties"]["resume"]["default"] == "Latest"
     assert spec["config"]["properties"]["mountPath"]["default"] == "/etc/relaunch/train.yaml"
 
@@ -155,6 +182,7 @@ def test_every_property_is_documented(crd: dict[str, Any]) -> None:
         ({"checkpoint": {"dir": "/c", "resume": "Unified"}}, "spec.checkpoint.unifiedDir"),
         ({"template": {"spec": {"containers": []}}}, "spec.template.spec.containers"),
         ({"config": {"text": "a: 1", "inline": {"a": 1}}}, "spec.config"),
+        ({"suspend": "yes"}, "spec.suspend"),
     ],
 )
 def test_model_names_the_bad_field(patch: dict[str, Any], field: str) -> None:

@@ -222,6 +222,9 @@ class TrainingJobSpec:
     helpers: HelperSpec = field(default_factory=HelperSpec)
     progress: ProgressSpec | None = None
     node_health: NodeHealth = field(default_factory=NodeHealth)
+    #: No worker (nor helper) may run: set by the user or a queue (Kueue admits and preempts
+    #: through it); the operator only reads it.
+    suspend: bool = False
 
     @property
     def world_size(self) -> int:
@@ -442,6 +445,10 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
         conditions=frozenset(_str(c, "spec.nodeHealth.conditions[]") for c in nh.get("conditions") or []),
     )
 
+    suspend = spec.get("suspend", False)
+    if not isinstance(suspend, bool):
+        raise SpecError(f"spec.suspend must be true or false, found {suspend!r}")
+
     image = spec.get("image")
     return TrainingJobSpec(
         replicas=replicas,
@@ -455,6 +462,7 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
         helpers=helpers,
         progress=progress,
         node_health=node_health,
+        suspend=suspend,
     )
 
 

@@ -50,7 +50,8 @@ is one the operator's code (relaunch.controller) or kopf makes:
   removing the finalizer that older versions added); the operator reads each one (get) and
   writes its status subresource (merge patch).
 - Pods: the workers, created one per rank, listed by label, watched to notice failures
-  quickly, and deleted (force-deleted on a lost node) to stop a gang; read (get) when a create
+  quickly, and deleted (force-deleted on a lost node) to stop a gang (for a recovery, or because
+  spec.suspend is set); read (get) when a create
   meets "already exists", to tell our own object from a leftover of a deleted namesake.
 - Pods' logs: with spec.progress, worker 0's log is followed (get pods/log, follow=true) to
   read the training step (the progress watchdog).
@@ -59,8 +60,9 @@ is one the operator's code (relaunch.controller) or kopf makes:
 - ConfigMaps: the rendered training config of each attempt (create), and the user's config
   when spec.config.configMapRef names one (get); a namesake's leftover is deleted.
 - Jobs: the planning and conversion Jobs, created, listed by label and watched; deleted when
-  a try is abandoned (its pod killed, past its deadline, or its node lost) or a namesake left
-  one; finished ones are otherwise removed by the TTL controller.
+  a try is abandoned (its pod killed, past its deadline, or its node lost), when spec.suspend
+  interrupts a recovery, or when a namesake left one; finished ones are otherwise removed by the
+  TTL controller.
 - Events: posted on the TrainingJob for each step of a recovery; a repeat of the same Event
   increments its count (get, patch) instead of posting a copy.
 */}}

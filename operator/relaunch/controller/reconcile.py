@@ -11,12 +11,23 @@ Life of a job::
     (new) --> recovery "Created" --> Running --failure--> recovery --> Running ... --> Succeeded
                                                       \\--> Failed (permanent exit code, restarts
                                                            exhausted, plan/convert/config failed)
+    any phase but Succeeded/Failed --spec.suspend--> Suspended --cleared--> recovery "Resumed"
 
 Recovery reasons: a failure (``WorkerFailed``, ``OOMKilled``, ``Evicted``, ``PodDeleted``,
 ``NodeLost``; counted as a restart, with backoff) or a controlled restart, never counted:
 ``Created`` (first start), ``ReplicasChanged``, ``ConfigChanged`` (config or template edited:
-incremental training), ``Shrink`` (elastic: workers unschedulable for the grace period) and
-``SpecChanged`` (the spec of a Succeeded or Failed job was edited: it continues).
+incremental training), ``Shrink`` (elastic: workers unschedulable for the grace period),
+``SpecChanged`` (the spec of a Succeeded or Failed job was edited: it continues) and
+``Resumed`` (``spec.suspend`` was cleared: resume from the newest complete checkpoint, converting
+when ``spec.replicas`` changed meanwhile).
+
+``spec.suspend`` (set by the user, or by a queue such as Kueue to admit and preempt) is obeyed
+in the round that first sees it, whatever the job is doing: every worker is deleted gracefully
+(SIGTERM and the pods' grace period), unfinished planning and conversion Jobs are deleted (an
+interrupted conversion leaves an incomplete destination, which later plans never load), and an
+interrupted recovery goes to the history as superseded by ``Suspended``. Nothing is counted, no
+backoff is kept, and the operator never writes ``spec.suspend`` itself. A job created suspended
+creates nothing until it is cleared.
 
 A recovery (``status.recovery``) moves through stages, each recorded before the next begins:
 
@@ -55,18 +66,21 @@ IDLE_REQUEUE_SECONDS = 30.0
 #: While waiting for something the watches may miss (a ConfigMap edit), look this often.
 POLL_SECONDS = 10.0
 
-PENDING, RUNNING, RECOVERING, CONVERTING, SUCCEEDED, FAILED = (
+PENDING, RUNNING, RECOVERING, CONVERTING, SUSPENDED, SUCCEEDED, FAILED = (
     "Pending",
     "Running",
     "Recovering",
     "Converting",
+    "Suspended",
     "Succeeded",
     "Failed",
 )
 STOPPING, PLANNING, STAGE_CONVERTING, STARTING = "Stopping", "Planning", "Converting", "Starting"
 
 #: Recovery reasons that are not failures (not counted as restarts, no backoff).
-CONTROLLED_REASONS = frozenset({"Created", "ReplicasChanged", "ConfigChanged", "Shrink", "SpecChanged"})
+CONTROLLED_REASONS = frozenset(
+    {"Created", "ReplicasChanged", "ConfigChanged", "Shrink", "SpecChanged", "Resumed"}
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +382,7 @@ def set_condition(
     if generation is not None:
         new["observedGeneration"] = generation
     conditions = [c for c in conditions if c.get("type") != type_] + [new]
-    order = {"Ready": 0, "Recovering": 1, "Converting": 2, "Failed": 3}
+    order = {"Ready": 0, "Recovering": 1, "Converting": 2, "Suspended": 3, "Failed": 4}
     conditions.sort(key=lambda c: order.get(c.get("type", ""), 9))
     status["conditions"] = conditions
 
@@ -597,6 +611,7 @@ def reconcile(
     finished_generation = st.get("finishedGeneration")
     if (
         phase in (SUCCEEDED, FAILED)
+        and not spec.suspend  # a finished job stays finished while suspended
         and generation is not None
         and finished_generation is not None
         and generation > finished_generation
@@ -633,6 +648,11 @@ def _finished(r: _Round) -> None:
 def _active(r: _Round) -> None:
     st = r.status
     _quarantined_nodes(r)  # expired quarantines leave the status (and a wake-up is set for the next)
+    if r.spec.suspend:
+        _suspend(r)
+        return
+    if st.get("phase") == SUSPENDED:
+        _resume(r)
     attempt = int(st.get("attempt") or 0)
     rec = st.get("recovery")
 
@@ -660,6 +680,76 @@ def _active(r: _Round) -> None:
         # The problem an earlier round recorded is gone or will be recorded again by the caller.
         r.condition("Ready", False, rec["reason"], rec.get("message", ""))
     _advance_recovery(r)
+
+
+def _suspend(r: _Round) -> None:
+    """spec.suspend is true: stop whatever runs, at once and without counting anything.
+
+    Workers are deleted gracefully (force only on a lost node, which would never confirm);
+    helper Jobs that have not finished are deleted with their pods; a recovery in progress is
+    recorded as superseded by ``Suspended`` and dropped, backoff included. The status keeps
+    the last attempt's size, so that resuming knows what the newest checkpoint was written by.
+    """
+    st = r.status
+    entering = st.get("phase") != SUSPENDED
+    rec = st.get("recovery")
+    interrupted = f"; the {rec['reason']} recovery was interrupted in its {rec['stage']} stage" if rec else ""
+    _record_superseded(r, "Suspended")
+    for job in sorted(r.observed.jobs.values(), key=lambda j: j.name):
+        if not (job.succeeded or job.failed):
+            r.actions.append(DeleteJob(job.name))
+    lost = _lost_nodes(r)
+    for pod in sorted(r.observed.pods, key=lambda p: (p.attempt, p.index)):
+        if pod.node in lost:
+            r.actions.append(DeletePod(pod.name, force=True))
+        elif not pod.deleting:
+            r.actions.append(DeletePod(pod.name))
+    left = len(r.observed.pods)
+    st["phase"] = SUSPENDED
+    st["readyWorkers"] = 0
+    st.pop("runningSince", None)
+    st.pop("progress", None)
+    st["message"] = "suspended (spec.suspend is true): " + (
+        f"stopping {left} workers gracefully" if left else "no worker runs until spec.suspend is cleared"
+    )
+    r.condition("Suspended", True, "Suspended", st["message"])
+    r.condition("Ready", False, "Suspended", st["message"])
+    for type_ in ("Recovering", "Converting"):
+        if any(c.get("type") == type_ and c.get("status") == "True" for c in st.get("conditions") or []):
+            r.condition(type_, False, "Suspended", "spec.suspend is true")
+    _clear_stalled(r, "suspended")
+    if entering:
+        workers = f"stopping {left} workers gracefully" if left else "no worker to stop"
+        r.event(
+            "Normal",
+            "Suspended",
+            f"spec.suspend is true: {workers}{interrupted}; not counted as a restart",
+        )
+    if left:
+        r.wake_in(2.0)
+
+
+def _resume(r: _Round) -> None:
+    """spec.suspend was cleared: a job that ran before resumes from the newest complete
+    checkpoint (a controlled restart, converted when spec.replicas changed meanwhile); one that
+    never started starts as a new job would."""
+    st, spec = r.status, r.spec
+    attempt = int(st.get("attempt") or 0)
+    workers = int(st.get("workers") or 0)
+    requested = int(st.get("replicasRequested") or workers)
+    note = ""
+    if attempt and requested and requested != spec.replicas:
+        note = f" (spec.replicas changed from {requested} while suspended)"
+    elif attempt and workers and workers != spec.replicas:
+        note = f" (the last gang had {workers}: an elastic shrink)"
+    what = "resuming" if attempt else "starting"
+    message = f"spec.suspend was cleared: {what} with {spec.replicas} workers{note}"
+    r.condition("Suspended", False, "Resumed", message)
+    r.event("Normal", "Resumed", message)
+    if attempt == 0:
+        st["phase"] = PENDING  # the Created recovery starts below, as for a new job
+        return
+    _start_recovery(r, "Resumed", f"{message}, from the newest complete checkpoint", counted=False)
 
 
 def _remove_predecessor_leftovers(r: _Round) -> None:
