@@ -116,6 +116,7 @@ def test_defaults_are_filled_in(api: Kube, namespace: str) -> None:
             "convertingSeconds": 3600,
             "startingSeconds": 600,
         },
+        "quarantine": {"enabled": True, "failures": 2, "windowSeconds": 3600, "cooldownSeconds": 1800},
     }
 
 
