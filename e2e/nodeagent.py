@@ -949,7 +949,13 @@ class PodWorker(threading.Thread):
             self.phase = "Failed" if failed else "Succeeded"
             self.set_terminal_conditions()
         else:
-            self.phase = "Running"
+            # As the kubelet's getPhase: a pod none of whose containers has started yet (each still
+            # waiting, e.g. CreateContainerConfigError) is Pending, not Running; a container that
+            # ran before and waits to restart counts as having run.
+            started = any(
+                c.running or c.terminated or c.last_state.get("terminated") for c in self.containers
+            )
+            self.phase = "Running" if started else "Pending"
             unready = [c.name for c in self.containers if not c.ready]
             message = f"containers with unready status: [{' '.join(unready)}]" if unready else None
             for kind in ("Ready", "ContainersReady"):
