@@ -2377,16 +2377,12 @@ def serve_controls(agent: Agent, port: int) -> ThreadingHTTPServer:
                         agent.lose_node(parts[1]) if parts[0] == "lose_node" else agent.restore_node(parts[1])
                     )
                     self.answer(200, result)
-                elif len(parts) == 3 and parts[0] == "kill_pod":
-                    killed = agent.kill_pod(parts[1], parts[2])
-                    if killed is None:
-                        self.answer(
-                            404, {"error": f"pod {parts[1]}/{parts[2]} does not run on this agent's nodes"}
-                        )
-                    else:
-                        self.answer(200, killed)
-                elif len(parts) == 3 and parts[0] in ("pause_pod", "resume_pod"):
-                    control = agent.pause_pod if parts[0] == "pause_pod" else agent.resume_pod
+                elif len(parts) == 3 and parts[0] in ("kill_pod", "pause_pod", "resume_pod"):
+                    control = {
+                        "kill_pod": agent.kill_pod,
+                        "pause_pod": agent.pause_pod,
+                        "resume_pod": agent.resume_pod,
+                    }[parts[0]]
                     result = control(parts[1], parts[2])
                     if result is None:
                         self.answer(
