@@ -316,3 +316,20 @@ def test_node_tracker_reports_when_a_node_became_ready_and_whether_it_is_cordone
     tracker.refresh()
     assert tracker.snapshot()["n1"].ready_since == T0 + 30  # type: ignore[index]
     assert changes == [1, 1]
+
+
+def test_the_crd_declares_the_field_its_default_and_what_grow_back_writes() -> None:
+    import yaml
+    from test_crd import CRD_PATH, schema, undeclared
+
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    root = schema(crd)["properties"]
+    field = root["spec"]["properties"]["elastic"]["properties"]["growBackAfterSeconds"]
+    assert (field["default"], field["minimum"]) == (DEFAULT_GROW_BACK_AFTER_SECONDS, 0)
+    sim = shrunk()
+    restore(sim, "n3")
+    restore(sim, "n4")
+    sim.step(dt=WINDOW + 1)
+    assert sim.status["lastResize"]["reason"] == "GrowBack"
+    finish_resize(sim, NODES)
+    assert undeclared(sim.status, root["status"], "status") == []
