@@ -323,3 +323,23 @@ def test_destination_for_a_world_size_keeps_model_parallel_and_stages() -> None:
     mixed = merge_strategies([Strategy(0, {"a": Layout((4, 2), (0,)), "b": Layout((2, 4), (0,))})])
     with pytest.raises(StrategyError, match="one mp"):
         dst_parallel_for_world_size(mixed, 4)
+
+
+def test_files_of_ranks_beyond_the_source_world_are_ignored_when_it_is_given(tmp_path: Path) -> None:
+    """A job that ran on 3 ranks, then on 2 (an elastic shrink): ranks 0 and 1 rewrote their
+    files with the 2-rank layout, rank 2's 3-rank file stayed. Converting the 2-rank checkpoint
+    (to grow back) reads the files of its own 2 ranks."""
+    for rank in range(3):
+        write_strategy_file(
+            tmp_path / f"ckpt_strategy_rank_{rank}.ckpt", Strategy(0, {"w": Layout((3,), (0,))})
+        )
+    for rank in range(2):
+        write_strategy_file(
+            tmp_path / f"ckpt_strategy_rank_{rank}.ckpt", Strategy(0, {"w": Layout((2,), (0,))})
+        )
+    with pytest.raises(StrategyError, match="disagree"):
+        read_strategy_dir(tmp_path)
+    merged = read_strategy_dir(tmp_path, ranks=2)
+    assert merged.stage_size == 2 and merged.layouts["w"][0] == Layout((2,), (0,))
+    with pytest.raises(StrategyError, match="disagree"):  # asked for 3 ranks: the stale file counts
+        read_strategy_dir(tmp_path, ranks=3)

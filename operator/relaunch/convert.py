@@ -1172,7 +1172,7 @@ def unify(
     ``durable=False`` skips every fsync (see :func:`_publish`): for scratch destinations whose
     loss in a machine crash costs only a re-run. The operator's conversion Jobs are durable.
     """
-    strategy = strategy_mod.read_strategy_dir(src_strategy_dir)
+    strategy = strategy_mod.read_strategy_dir(src_strategy_dir, ranks=max(src_files, default=-1) + 1)
     src = {r: os.path.abspath(p) for r, p in src_files.items()}
     request = _request_digest("unify", src.values(), {"strategy": strategy.digest, "part_bytes": part_bytes})
 
@@ -1223,8 +1223,11 @@ def reshard(
         raise ConversionError(
             "give exactly one of a destination strategy directory or a destination parallel layout"
         )
+    source_ranks = max(src_files, default=-1) + 1 if isinstance(src_files, Mapping) else None
     source_strategy = (
-        strategy_mod.read_strategy_dir(src_strategy_dir) if src_strategy_dir is not None else None
+        strategy_mod.read_strategy_dir(src_strategy_dir, ranks=source_ranks)
+        if src_strategy_dir is not None
+        else None
     )
     if dst_strategy_dir is not None:
         dst = strategy_mod.read_strategy_dir(dst_strategy_dir)

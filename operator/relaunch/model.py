@@ -185,10 +185,18 @@ class NodeHealth:
         return bool(self.taints or self.labels or self.conditions)
 
 
+#: spec.elastic.growBackAfterSeconds unless set: long enough that a node rebooting or flapping
+#: does not restart the job, short next to a training run.
+DEFAULT_GROW_BACK_AFTER_SECONDS = 300
+
+
 @dataclass(frozen=True)
 class ElasticSpec:
     min_replicas: int
     valid_sizes: tuple[int, ...] = ()
+    #: After a shrink, how long enough nodes must have been Ready before the job grows back
+    #: towards spec.replicas; 0 switches grow-back off (the job stays at its shrunk size).
+    grow_back_after_seconds: int = DEFAULT_GROW_BACK_AFTER_SECONDS
 
 
 #: Resources of the planning and conversion pods unless spec.helpers says otherwise. Requests
@@ -411,7 +419,15 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
                 raise SpecError(
                     f"spec.elastic.validSizes entry {size} lies outside [{min_replicas}, {replicas}]"
                 )
-        elastic = ElasticSpec(min_replicas=min_replicas, valid_sizes=sizes)
+        elastic = ElasticSpec(
+            min_replicas=min_replicas,
+            valid_sizes=sizes,
+            grow_back_after_seconds=_int(
+                el.get("growBackAfterSeconds", DEFAULT_GROW_BACK_AFTER_SECONDS),
+                "spec.elastic.growBackAfterSeconds",
+                minimum=0,
+            ),
+        )
 
     progress: ProgressSpec | None = None
     if spec.get("progress") is not None:

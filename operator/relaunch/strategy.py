@@ -600,16 +600,24 @@ def merge_strategies(strategies: Iterable[Strategy], *, digest: str = "") -> Str
     return StrategySet(stages=stages, stage_size=stage_size, layouts=merged, digest=digest)
 
 
-def read_strategy_dir(path: str | os.PathLike[str]) -> StrategySet:
-    """Read a strategy directory (``ckpt_strategy_rank_<r>.ckpt`` files) or one strategy file."""
+def read_strategy_dir(path: str | os.PathLike[str], *, ranks: int | None = None) -> StrategySet:
+    """Read a strategy directory (``ckpt_strategy_rank_<r>.ckpt`` files) or one strategy file.
+
+    ``ranks``: the world size of the checkpoint the strategy describes; files of higher ranks
+    are ignored. A job that ran larger before (an elastic shrink, a lowered ``replicas``) leaves
+    its extra ranks' files behind in the shared directory, and the ranks it still has rewrote
+    theirs with the smaller layout.
+    """
     path = os.fspath(path)
     if os.path.isfile(path):
         files = [path]
     elif os.path.isdir(path):
-        files = sorted(
-            (os.path.join(path, n) for n in os.listdir(path) if STRATEGY_FILE_RE.match(n)),
-            key=lambda p: int(STRATEGY_FILE_RE.match(os.path.basename(p)).group(1)),  # type: ignore[union-attr]
-        )
+        numbered = [
+            (int(m.group(1)), os.path.join(path, n))
+            for n in os.listdir(path)
+            if (m := STRATEGY_FILE_RE.match(n))
+        ]
+        files = [f for r, f in sorted(numbered) if ranks is None or r < ranks]
         if not files:
             raise StrategyError(
                 f"{path}: no ckpt_strategy_rank_<r>.ckpt files; expected a strategy directory"

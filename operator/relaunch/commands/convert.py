@@ -222,7 +222,10 @@ def _from_record(args: argparse.Namespace) -> None:
             if not args.src_strategy:
                 raise convert.ConversionError("--conversion: a reshard needs the record's strategy_dir")
             derived = strategy.dst_parallel_for_world_size(
-                strategy.read_strategy_dir(args.src_strategy), world_size
+                strategy.read_strategy_dir(
+                    args.src_strategy, ranks=len(args.src_files) if args.src_files else None
+                ),
+                world_size,
             )
             args.dst_parallel = ",".join(f"{k}={v}" for k, v in derived.items())
         args.dst_strategy = None

@@ -473,6 +473,8 @@ class _NodeState:
     taints: frozenset[str] = frozenset()
     labels: Mapping[str, str] | None = None
     true_conditions: frozenset[str] = frozenset()
+    ready_since: float | None = None
+    unschedulable: bool = False
 
 
 class NodeTracker:
@@ -513,6 +515,8 @@ class NodeTracker:
                     taints=st.taints,
                     labels=st.labels or {},
                     true_conditions=st.true_conditions,
+                    ready_since=st.ready_since,
+                    unschedulable=st.unschedulable,
                 )
                 for name, st in self._nodes.items()
             }
@@ -536,6 +540,8 @@ class NodeTracker:
                 taints=frozenset(str(t.get("key")) for t in (node.get("spec") or {}).get("taints") or []),
                 labels=dict((node.get("metadata") or {}).get("labels") or {}),
                 true_conditions=frozenset(true_conditions),
+                ready_since=since if ready is True else None,
+                unschedulable=bool((node.get("spec") or {}).get("unschedulable")),
             )
         heartbeats: dict[str, float] = {}
         try:
@@ -554,9 +560,11 @@ class NodeTracker:
             self.lease_error = str(exc)
         with self._lock:
             old = self._nodes
-            changed = old is None or {n: s.ready for n, s in old.items()} != {
-                n: s.ready for n, s in nodes.items()
-            }
+            # A node Ready again since a new time (a flap shorter than one poll) or cordoned
+            # changes what an elastic grow-back may count on: wake the daemons for it too.
+            changed = old is None or {
+                n: (s.ready, s.ready_since, s.unschedulable) for n, s in old.items()
+            } != {n: (s.ready, s.ready_since, s.unschedulable) for n, s in nodes.items()}
             self._nodes = nodes
             self._heartbeats = heartbeats
         if changed and self.on_change is not None:

@@ -24,6 +24,7 @@ _PLAN_REASON = {
     # change them reaches the planner as ConfigChanged.
     "SpecChanged": "Start",
     "Shrink": "Resize",
+    "GrowBack": "Resize",
     # spec.suspend cleared: the newest complete step; the plan converts when the world size
     # differs from the previous attempt's (spec.replicas edited while suspended).
     "Resumed": "Start",

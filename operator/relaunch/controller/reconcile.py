@@ -17,6 +17,7 @@ Recovery reasons: a failure (``WorkerFailed``, ``OOMKilled``, ``Evicted``, ``Pod
 ``NodeLost``; counted as a restart, with backoff) or a controlled restart, never counted:
 ``Created`` (first start), ``ReplicasChanged``, ``ConfigChanged`` (config or template edited:
 incremental training), ``Shrink`` (elastic: workers unschedulable for the grace period),
+``GrowBack`` (elastic: after a shrink, more nodes Ready for spec.elastic.growBackAfterSeconds),
 ``SpecChanged`` (the spec of a Succeeded or Failed job was edited: it continues) and
 ``Resumed`` (``spec.suspend`` was cleared: resume from the newest complete checkpoint, converting
 when ``spec.replicas`` changed meanwhile).
@@ -79,7 +80,7 @@ STOPPING, PLANNING, STAGE_CONVERTING, STARTING = "Stopping", "Planning", "Conver
 
 #: Recovery reasons that are not failures (not counted as restarts, no backoff).
 CONTROLLED_REASONS = frozenset(
-    {"Created", "ReplicasChanged", "ConfigChanged", "Shrink", "SpecChanged", "Resumed"}
+    {"Created", "ReplicasChanged", "ConfigChanged", "Shrink", "GrowBack", "SpecChanged", "Resumed"}
 )
 
 
@@ -177,6 +178,8 @@ class NodeView:
     taints: frozenset[str] = frozenset()  # taint keys
     labels: Mapping[str, str] = field(default_factory=dict)
     true_conditions: frozenset[str] = frozenset()  # condition types other than Ready that are True
+    ready_since: float | None = None  # Ready's lastTransitionTime while it is True
+    unschedulable: bool = False  # spec.unschedulable (cordoned)
 
 
 @dataclass(frozen=True)
@@ -831,6 +834,8 @@ def _watch_running(r: _Round, attempt: int) -> None:
         return
     if spec.config is not None and spec.config.config_map:
         r.wake_in(POLL_SECONDS)  # ConfigMap edits are not watched: poll for them
+    if _maybe_grow_back(r, attempt, pods, running == expected):
+        return
     if running == expected and st.get("phase") != RUNNING:
         st["phase"] = RUNNING
         st["message"] = f"{running} workers running (attempt {attempt})"
@@ -1552,6 +1557,7 @@ def _maybe_shrink(r: _Round, pods: Sequence[PodView], replicas: int) -> bool | s
             "waiting for capacity"
         )
     size = max(allowed)
+    _record_resize(r, "Shrink", size, len(_schedulable_nodes(r)))
     _start_recovery(
         r,
         "Shrink",
@@ -1561,6 +1567,174 @@ def _maybe_shrink(r: _Round, pods: Sequence[PodView], replicas: int) -> bool | s
         replicas=size,
     )
     return True
+
+
+def _schedulable_nodes(r: _Round, *, ready_for: float | None = None) -> list[str]:
+    """Nodes a worker of this job may be placed on: Ready, not cordoned, neither lost,
+    quarantined nor unhealthy; with ``ready_for``, only those Ready without a break for that
+    long (Ready's lastTransitionTime: a node that flapped counts from its last return)."""
+    nodes = r.observed.nodes
+    if nodes is None:
+        return []
+    avoid = set(_avoided_nodes(r))
+    out = []
+    for name, node in nodes.items():
+        if node.ready is not True or node.unschedulable or name in avoid:
+            continue
+        if ready_for is not None and (node.ready_since is None or node.ready_since > r.now - ready_for):
+            continue
+        out.append(name)
+    return sorted(out)
+
+
+def _record_resize(r: _Round, reason: str, size: int, schedulable_nodes: int) -> None:
+    """Remember an elastic resize: when (grow-back waits a window after it) and how many nodes
+    were schedulable then (grow-back needs more than that)."""
+    r.status["lastResize"] = {
+        "reason": reason,
+        "at": iso_precise(r.now),
+        "fromWorkers": int(r.status.get("workers") or r.spec.replicas),
+        "toWorkers": size,
+        "schedulableNodes": schedulable_nodes,
+    }
+
+
+def _maybe_grow_back(r: _Round, attempt: int, pods: Sequence[PodView], all_running: bool) -> bool:
+    """Elastic grow-back: a gang running below spec.replicas after a shrink restarts at the
+    largest allowed size that fits once more nodes than at the last resize have been Ready
+    (and schedulable, neither lost nor avoided) for spec.elastic.growBackAfterSeconds, at most
+    once per window, and not while a checkpoint save is in progress. True when it starts.
+
+    Capacity is judged by node count: each node gained since the last resize is taken to hold
+    as many workers as the running gang puts on one of its nodes. When the grown gang still
+    cannot be scheduled, the elastic shrink brings it back after the grace period and records
+    the nodes schedulable then, so the same nodes never trigger another grow-back: the job
+    does not flap between sizes.
+    """
+    spec, st = r.spec, r.status
+    elastic = spec.elastic
+    workers = int(st.get("workers") or spec.replicas)
+    if (
+        elastic is None
+        or elastic.grow_back_after_seconds == 0
+        or workers >= spec.replicas
+        or not all_running
+        or st.get("phase") != RUNNING
+        or r.observed.nodes is None
+    ):
+        return False
+    window = float(elastic.grow_back_after_seconds)
+    last = st.get("lastResize")
+    since = parse_time(last.get("at")) if isinstance(last, dict) else None
+    if not isinstance(last, dict) or since is None:
+        # Shrunk before grow-back was known (or a hand-edited status): count from now.
+        _record_resize(r, "Shrink", workers, len(_schedulable_nodes(r)))
+        since = r.now
+        last = st["lastResize"]
+    if r.now < since + window:
+        r.wake_in(since + window - r.now)
+        _grow_back_note(r, attempt, None)
+        return False
+    baseline = int(last.get("schedulableNodes") or 0)
+    stable = _schedulable_nodes(r, ready_for=window)
+    gained = len(stable) - baseline
+    if gained <= 0:
+        # Wake when a node that is back now has been Ready for the whole window.
+        nodes = r.observed.nodes
+        settling = [nodes[n].ready_since or r.now for n in _schedulable_nodes(r) if n not in set(stable)]
+        if settling:
+            r.wake_in(min(settling) + window - r.now)
+        _grow_back_note(r, attempt, None)
+        return False
+    used = {p.node for p in pods if p.node}
+    per_node = -(-workers // max(1, len(used)))  # ceiling: workers the gang puts on one node
+    fits = workers + gained * per_node
+    sizes = elastic.valid_sizes or tuple(range(elastic.min_replicas, spec.replicas + 1))
+    allowed = [
+        s
+        for s in sizes
+        if workers < s <= min(fits, spec.replicas)
+        and r.planner.factorable(s * spec.ranks_per_worker, r.observed.config_text)
+    ]
+    if not allowed:
+        _grow_back_note(
+            r,
+            attempt,
+            f"{gained} more schedulable nodes than at the last resize, room for at most {fits} workers, "
+            f"but no allowed larger size fits (spec.elastic allows {list(sizes)}): no grow-back",
+        )
+        return False
+    size = max(allowed)
+    go, moment = _grow_back_moment(r, attempt)
+    if not go:
+        r.wake_in(GROW_BACK_POLL_SECONDS)
+        _grow_back_note(r, attempt, f"grow-back to {size} workers is {moment}")
+        return False
+    _record_resize(r, "GrowBack", size, len(stable))
+    _start_recovery(
+        r,
+        "GrowBack",
+        f"{len(stable)} schedulable nodes Ready for more than {window:g}s, {gained} more than at the last "
+        f"resize; growing from {workers} to {size} workers (spec.elastic): {moment}",
+        counted=False,
+        replicas=size,
+    )
+    return True
+
+
+#: While a grow-back waits for a checkpoint save to finish, look at the newest step this often
+#: (step lines do not wake the loop).
+GROW_BACK_POLL_SECONDS = 1.0
+
+
+def _grow_back_moment(r: _Round, attempt: int) -> tuple[bool, str]:
+    """Whether stopping the gang now interrupts no checkpoint save, and the words for it.
+
+    With spec.progress and a known save interval, the gang is stopped after a step that
+    follows a saving step, within the first half of the interval: the save finished (a later
+    step was printed) and the next one is furthest away. Without them nobody can tell; the
+    grow-back goes on and says so, because the plan only ever resumes from a step complete on
+    every rank: an interrupted save costs that save, never a usable checkpoint.
+    """
+    view = r.observed.progress
+    if r.spec.progress is None:
+        return True, "without spec.progress relaunch cannot tell whether a checkpoint save is in progress"
+    every = r.spec.progress.save_every_steps or _save_every_steps(r.observed.config_text)
+    if every is None:
+        return True, (
+            "the save interval is unknown (neither spec.progress.saveEverySteps nor the config's "
+            "save_checkpoint_steps), so relaunch cannot tell whether a checkpoint save is in progress"
+        )
+    if view is None or view.attempt != attempt:
+        return False, "waiting for a training step line to tell whether a checkpoint save is in progress"
+    if every == 1:
+        return True, "every step saves a checkpoint, so one may be in progress"
+    since_save = view.global_step % every
+    if 1 <= since_save <= max(1, every // 2):
+        return True, (
+            f"step {view.global_step} follows the checkpoint save of step {view.global_step - since_save}"
+        )
+    return False, (
+        f"waiting for the step after the next checkpoint save (every {every} steps), so that no save "
+        "is interrupted"
+    )
+
+
+def _grow_back_note(r: _Round, attempt: int, note: str | None) -> None:
+    """Say in the status message (and one Event per new note) what a pending grow-back waits
+    for; the note goes when it no longer applies."""
+    st = r.status
+    running = int(st.get("readyWorkers") or 0)
+    base = f"{running} workers running (attempt {attempt})"
+    message = f"{base}; {note}" if note else base
+    if st.get("message") == message:
+        return
+    if note is None and not str(st.get("message") or "").startswith(f"{base}; "):
+        return  # someone else's words: leave them
+    st["message"] = message
+    r.condition("Ready", True, "AllWorkersRunning", message)
+    if note:
+        r.event("Normal", "GrowBackWaiting", note)
 
 
 def _complete_recovery(r: _Round, rec: dict[str, Any]) -> None:
