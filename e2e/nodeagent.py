@@ -2094,8 +2094,15 @@ class Agent:
     def held_pods(self, ns: str, selector: str) -> list[str]:
         with self.lock:
             workers = list(self.workers.values())
+        # A pod deleted while held is no longer held, even while its worker winds down.
         return sorted(
-            w.pod_name for w in workers if w.ns == ns and w.held() and self.hold_for(w.pod) == selector
+            w.pod_name
+            for w in workers
+            if w.ns == ns
+            and w.held()
+            and w.deletion_grace is None
+            and not w.gone.is_set()
+            and self.hold_for(w.pod) == selector
         )
 
     def hold_pods(self, ns: str, selector: str) -> dict[str, Any]:
