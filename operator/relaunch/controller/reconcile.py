@@ -1252,7 +1252,8 @@ def _helper(
     what = "planning" if role == resources.ROLE_PLAN else "conversion"
     key = "planJob" if role == resources.ROLE_PLAN else "convertJob"
     try_ = int(rec.get("helperTries") or 1)
-    name = str(build(try_)["metadata"]["name"])
+    job_name = resources.plan_job_name if role == resources.ROLE_PLAN else resources.convert_job_name
+    name = job_name(r.ref.name, int(rec["attempt"]), try_)
     job = r.observed.jobs.get(name)
     if job is None:
         retry_at = parse_time(rec.get("helperRetryAt"))
@@ -1329,7 +1330,8 @@ def _planning(r: _Round, rec: dict[str, Any]) -> bool:
             )
 
         if "planJob" not in rec:
-            r.status["message"] = f"{rec['reason']}: planning (Job {build(1)['metadata']['name']})"
+            first = resources.plan_job_name(r.ref.name, target)
+            r.status["message"] = f"{rec['reason']}: planning (Job {first})"
         job, gave_up = _helper(r, rec, resources.ROLE_PLAN, build)
         if gave_up is not None:
             _fail(r, "PlanningFailed", f"{gave_up}; see `kubectl logs job/{rec['planJob']}`")
