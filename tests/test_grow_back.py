@@ -44,8 +44,9 @@ def restore(sim: Sim, node: str) -> None:
     sim.frozen.discard(node)
 
 
-def finish_resize(sim: Sim, nodes: tuple[str, ...]) -> None:
-    """Drive the current recovery (a resize that converts) until its workers run on ``nodes``."""
+def finish_resize(sim: Sim, nodes: tuple[str, ...], dt: float = 0.1) -> None:
+    """Drive the current recovery (a resize that converts) until its workers are placed on
+    ``nodes``, then look again ``dt`` seconds later."""
     attempt = sim.status["recovery"]["attempt"]
     sim.finish_deletions()
     sim.step()
@@ -54,7 +55,7 @@ def finish_resize(sim: Sim, nodes: tuple[str, ...]) -> None:
     sim.finish_job(f"demo-convert-{attempt}", "{}")
     sim.step()
     place(sim, attempt, nodes)
-    sim.step()
+    sim.step(dt=dt)
 
 
 def shrunk(elastic: dict[str, Any] | None = None, **spec: Any) -> Sim:
@@ -163,15 +164,7 @@ def grown_then_shrunk() -> tuple[Sim, float]:
     restore(sim, "n4")
     sim.step(dt=WINDOW + 1)
     assert sim.status["recovery"]["reason"] == "GrowBack"
-    attempt = sim.status["recovery"]["attempt"]
-    sim.finish_deletions()
-    sim.step()
-    sim.finish_job(f"demo-plan-{attempt}", CONVERT)
-    sim.step()
-    sim.finish_job(f"demo-convert-{attempt}", "{}")
-    sim.step()
-    place(sim, attempt, ("n1", "n2", "n3"))
-    sim.step(dt=GRACE + 1)
+    finish_resize(sim, ("n1", "n2", "n3"), dt=GRACE + 1)
     assert (sim.status["recovery"]["reason"], sim.status["recovery"]["replicas"]) == ("Shrink", 3)
     shrink_at = sim.now
     finish_resize(sim, ("n1", "n2", "n3"))

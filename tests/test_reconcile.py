@@ -649,7 +649,9 @@ def test_real_planner_rejects_garbage() -> None:
         RelaunchPlanner().interpret("not json")
 
 
-def test_elastic_shrink_when_workers_stay_unschedulable() -> None:
+def elastic_job_with_room_for_two_of_four() -> Sim:
+    """An elastic 4-worker job whose second attempt (after a failure) finds room for 2 workers
+    only: two run, two stay unschedulable (the next step decides about a shrink)."""
     sim = Sim(
         make_spec(
             replicas=4,
@@ -664,11 +666,15 @@ def test_elastic_shrink_when_workers_stay_unschedulable() -> None:
     sim.step()
     sim.finish_job("demo-plan-2", plan("resume", step=5, epoch=1, ranks=4))
     sim.step()
-    # Capacity for 2 workers only: two are scheduled, two stay unschedulable.
     for name in ("demo-2-0", "demo-2-1"):
         sim.pods[name] = PodView(**{**sim.pods[name].__dict__, "phase": "Running", "node": "n2"})
     for name in ("demo-2-2", "demo-2-3"):
         sim.pods[name] = PodView(**{**sim.pods[name].__dict__, "unschedulable_since": sim.now})
+    return sim
+
+
+def test_elastic_shrink_when_workers_stay_unschedulable() -> None:
+    sim = elastic_job_with_room_for_two_of_four()
     result = sim.step(dt=5)
     assert sim.status["recovery"]["attempt"] == 2  # still within the grace period
     assert 4 < result.requeue_after <= 5

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_reconcile import Sim, condition_of, kinds, make_spec, plan
+from test_reconcile import Sim, condition_of, elastic_job_with_room_for_two_of_four, kinds, make_spec, plan
 
 from relaunch.controller.reconcile import Create, DeleteJob, DeletePod, PodView
 
@@ -287,24 +287,7 @@ def test_a_finished_job_stays_finished_while_suspended() -> None:
 
 
 def test_resuming_a_shrunk_job_grows_it_back_to_spec_replicas() -> None:
-    sim = Sim(
-        make_spec(
-            replicas=4,
-            elastic={"minReplicas": 1},
-            recovery={"nodeLossGraceSeconds": 10, "backoff": {"initialSeconds": 0}},
-        )
-    )
-    sim.start_running()
-    sim.fail_pod("demo-1-3")
-    sim.step()
-    sim.finish_deletions()
-    sim.step()
-    sim.finish_job("demo-plan-2", plan("resume", step=5, epoch=1, ranks=4))
-    sim.step()
-    for name in ("demo-2-0", "demo-2-1"):
-        sim.pods[name] = PodView(**{**sim.pods[name].__dict__, "phase": "Running", "node": "n2"})
-    for name in ("demo-2-2", "demo-2-3"):
-        sim.pods[name] = PodView(**{**sim.pods[name].__dict__, "unschedulable_since": sim.now})
+    sim = elastic_job_with_room_for_two_of_four()
     sim.step(dt=11)
     sim.finish_deletions()
     sim.step()
