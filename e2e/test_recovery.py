@@ -66,8 +66,16 @@ def install_crd(kube: Kube) -> None:
 class OperatorProcess:
     """``relaunch operator`` in a subprocess, restricted to one namespace, logging to a file."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, metrics_port: int = 0) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log_path: Path,
+        metrics_port: int = 0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.kubeconfig = kubeconfig
+        self.extra_args = extra_args
         self.metrics_port = metrics_port
         self.namespace = namespace
         self.log_path = log_path
@@ -95,6 +103,7 @@ class OperatorProcess:
                 self.namespace,
                 "--metrics-port",
                 str(self.metrics_port),
+                *self.extra_args,
             ],
             env=env,
             stdout=log,

@@ -30,12 +30,13 @@ NAMESPACED_RULES = {
     ("", "pods"): {"get", "list", "watch", "create", "delete"},
     ("", "pods/log"): {"get"},
     ("", "services"): {"get", "create", "delete"},
-    ("", "configmaps"): {"get", "create", "delete"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "delete"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
     ("", "events"): {"get", "create", "patch"},
 }
-NODE_RULES = {("", "nodes"): {"list"}}
-LEASE_RULES = {("coordination.k8s.io", "leases"): {"list"}}
+NODE_RULES = {("", "nodes"): {"list", "watch"}}
+LEASE_RULES = {("coordination.k8s.io", "leases"): {"list", "watch"}}
+LEADER_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 
 
 def helm_binary() -> str:
@@ -106,12 +107,14 @@ def test_helm_lint_strict_passes() -> None:
     assert "0 chart(s) failed" in result.stdout
 
 
-def test_default_render_is_one_recreated_hardened_operator() -> None:
+def test_default_render_is_one_leader_elected_hardened_operator() -> None:
     docs = render()
     (deployment,) = by_kind(docs, "Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # The new pod of an upgrade waits as a standby until the old one releases the Lease.
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert {"--leader-election", "--leader-election-name=rl-relaunch-leader"} <= set(container(docs)["args"])
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
@@ -125,6 +128,25 @@ def test_default_render_is_one_recreated_hardened_operator() -> None:
     assert set(main["resources"]) == {"requests", "limits"}
     assert set(main["resources"]["limits"]) == {"cpu", "memory"}
     assert main["image"] == "relaunch:0.1.0"  # the chart's appVersion
+
+
+def test_leader_election_has_its_own_role_on_one_lease_namespace() -> None:
+    docs = render("replicas=2")
+    assert by_kind(docs, "Deployment")[0]["spec"]["replicas"] == 2
+    (role,) = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == "rl-relaunch-leader"]
+    assert role["metadata"]["namespace"] == "relaunch-system"
+    assert rule_table(role["rules"]) == LEADER_RULES
+    (binding,) = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"] == "rl-relaunch-leader"]
+    assert binding["roleRef"]["name"] == "rl-relaunch-leader"
+    assert binding["subjects"][0]["name"] == "rl-relaunch"
+
+
+def test_without_leader_election_one_replica_is_recreated_never_overlapping() -> None:
+    docs = render("leaderElection.enabled=false")
+    spec = by_kind(docs, "Deployment")[0]["spec"]
+    assert spec["strategy"] == {"type": "Recreate"} and spec["replicas"] == 1
+    assert not [a for a in container(docs)["args"] if a.startswith("--leader-election")]
+    assert not [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader")]
 
 
 def test_liveness_probe_calls_the_endpoint_the_operator_serves() -> None:
@@ -167,12 +189,12 @@ def test_cluster_mode_grants_exactly_the_operator_rules_cluster_wide() -> None:
 def test_namespaces_mode_grants_roles_per_namespace_and_only_nodes_cluster_wide() -> None:
     docs = render("watch.mode=namespaces", "watch.namespaces={team-a,team-b}")
     assert_node_lease_role(docs)
-    roles = [r for r in by_kind(docs, "Role") if r["metadata"]["namespace"] != "kube-node-lease"]
+    roles = [r for r in by_kind(docs, "Role") if r["metadata"]["namespace"] in ("team-a", "team-b")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert rule_table(role["rules"]) == NAMESPACED_RULES
     bindings = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["namespace"] != "kube-node-lease"]
-    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["relaunch-system", "team-a", "team-b"]
     for binding in bindings:
         assert binding["subjects"][0]["namespace"] == "relaunch-system"
     (cluster_role,) = by_kind(docs, "ClusterRole")
@@ -206,6 +228,11 @@ def test_existing_service_account_is_used_and_none_is_created() -> None:
     [
         (("watch.mode=everything",), "at '/watch/mode': value must be one of 'cluster', 'namespaces'"),
         (("replicaCount=2",), "additional properties 'replicaCount' not allowed"),
+        (("replicas=0",), "at '/replicas': minimum: got 0, want 1"),
+        (
+            ("replicas=2", "leaderElection.enabled=false"),
+            "replicas is 2 but leaderElection.enabled is false",
+        ),
         (("securityContext.runAsUser=0",), "at '/securityContext/runAsUser': minimum: got 0, want 1"),
         (
             ("watch.mode=namespaces", "watch.namespaces={Team_A}"),
@@ -243,7 +270,7 @@ def test_every_template_renders_in_the_release_namespace_or_cluster_scope() -> N
         if doc["kind"] in ("ClusterRole", "ClusterRoleBinding"):
             assert namespace is None
         elif doc["kind"] in ("Role", "RoleBinding"):
-            assert namespace in ("a", "b", "kube-node-lease")
+            assert namespace in ("a", "b", "kube-node-lease", "relaunch-system")
         else:
             assert namespace == "relaunch-system", doc["kind"]
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == "rl"
@@ -299,7 +326,7 @@ def resources_the_operator_calls() -> set[tuple[str, str]]:
             found.add(("relaunch.dev", "trainingjobs/status"))
         if '+ "/log"' in text:
             found.add(("", "pods/log"))
-        for args in re.findall(r"@kopf\.(?:on\.\w+|daemon|timer)\(([^)]*)\)", text):
+        for args in re.findall(r"@kopf\.(?:on\.\w+|daemon|timer|index)\(([^)]*)\)", text):
             positional = [a.strip().strip("\"'") for a in args.split(",") if a.strip() and "=" not in a]
             if len(positional) == 1:
                 found.add(("", names.get(positional[0], positional[0])))

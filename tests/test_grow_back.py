@@ -271,7 +271,7 @@ def test_cordoned_lost_or_quarantined_nodes_do_not_count() -> None:
 
 
 def test_node_tracker_reports_when_a_node_became_ready_and_whether_it_is_cordoned() -> None:
-    from relaunch.controller.kube import NodeTracker
+    from relaunch.controller.nodes import NodeTracker
 
     nodes = [
         {
@@ -294,19 +294,19 @@ def test_node_tracker_reports_when_a_node_became_ready_and_whether_it_is_cordone
     ]
 
     class FakeKube:
-        def list(self, path: str, selector: str | None = None) -> list[dict[str, Any]]:
-            return nodes if path == "/api/v1/nodes" else []
+        def get(self, path: str, query: Any = None) -> dict[str, Any]:
+            return {"items": nodes if path == "/api/v1/nodes" else []}
 
     changes: list[int] = []
     tracker = NodeTracker(FakeKube(), on_change=lambda: changes.append(1))  # type: ignore[arg-type]
-    tracker.refresh()
+    tracker.nodes.list_once()
     snap = tracker.snapshot()
     assert snap is not None
     assert snap["n1"].ready_since == T0 and snap["n1"].unschedulable is True
     assert snap["n2"].ready_since is None and snap["n2"].unschedulable is False
     # Ready again since a later time, with no change of Ready seen in between (a quick flap).
     nodes[0]["status"]["conditions"][0]["lastTransitionTime"] = "2027-01-15T08:00:30Z"
-    tracker.refresh()
+    tracker.node_event("MODIFIED", nodes[0])
     assert tracker.snapshot()["n1"].ready_since == T0 + 30  # type: ignore[index]
     assert changes == [1, 1]
 

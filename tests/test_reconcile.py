@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any
 
 import pytest
@@ -751,7 +752,7 @@ def test_elastic_shrink_never_picks_a_size_the_layout_cannot_take() -> None:
 
 
 def test_pod_view_reads_exit_code_reason_and_node() -> None:
-    from relaunch.controller.kube import pod_view
+    from relaunch.controller.views import pod_view
 
     pod = {
         "metadata": {
@@ -794,7 +795,7 @@ def test_pod_view_reads_exit_code_reason_and_node() -> None:
 
 
 def test_unschedulable_pod_view() -> None:
-    from relaunch.controller.kube import pod_view
+    from relaunch.controller.views import pod_view
 
     view = pod_view(
         {
@@ -819,7 +820,7 @@ def test_unschedulable_pod_view() -> None:
 
 
 def test_helper_job_view_takes_the_termination_message_of_its_pod() -> None:
-    from relaunch.controller.kube import helper_job_view
+    from relaunch.controller.views import helper_job_view
 
     job = {
         "metadata": {"name": "demo-plan-2"},
@@ -871,35 +872,39 @@ def test_merge_patch_removes_nested_keys_and_replaces_lists() -> None:
 
 
 def test_node_tracker_combines_ready_condition_and_lease() -> None:
-    from relaunch.controller.kube import NodeTracker
+    from relaunch.controller.nodes import NodeTracker
 
-    class FakeKube:
-        def list(self, path: str, selector: str | None = None) -> list[dict[str, Any]]:
-            if path == "/api/v1/nodes":
-                return [
+    nodes = [
+        {
+            "metadata": {"name": "n1"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        },
+        {
+            "metadata": {"name": "n2"},
+            "status": {
+                "conditions": [
                     {
-                        "metadata": {"name": "n1"},
-                        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
-                    },
-                    {
-                        "metadata": {"name": "n2"},
-                        "status": {
-                            "conditions": [
-                                {
-                                    "type": "Ready",
-                                    "status": "Unknown",
-                                    "lastTransitionTime": "2027-01-15T08:00:00Z",
-                                }
-                            ]
-                        },
-                    },
+                        "type": "Ready",
+                        "status": "Unknown",
+                        "lastTransitionTime": "2027-01-15T08:00:00Z",
+                    }
                 ]
-            return [{"metadata": {"name": "n1"}, "spec": {"renewTime": "2027-01-15T08:00:01.500000Z"}}]
+            },
+        },
+    ]
+    leases = [{"metadata": {"name": "n1"}, "spec": {"renewTime": "2027-01-15T08:00:01.500000Z"}}]
+
+    class FakeKube:  # what the informers list; their watches are not started here
+        def get(self, path: str, query: Any = None) -> dict[str, Any]:
+            items = nodes if path == "/api/v1/nodes" else leases
+            return {"metadata": {"resourceVersion": "7"}, "items": items}
 
     changes = []
     tracker = NodeTracker(FakeKube(), on_change=lambda: changes.append(1))  # type: ignore[arg-type]
-    assert tracker.snapshot() is None  # not synced: node loss is not judged
-    tracker.refresh()
+    assert tracker.snapshot() is None  # not listed yet: node loss is not judged
+    assert tracker.nodes.list_once() == "7"
+    assert tracker.snapshot()["n1"].last_heartbeat is None  # type: ignore[index]  # leases not heard yet
+    tracker.leases.list_once()
     snap = tracker.snapshot()
     assert snap is not None
     assert snap["n1"].ready is True and snap["n1"].last_heartbeat == T0 + 1.5
@@ -909,8 +914,18 @@ def test_node_tracker_combines_ready_condition_and_lease() -> None:
         and snap["n2"].last_heartbeat is None
     )
     assert changes == [1]
-    tracker.refresh()
+    tracker.nodes.list_once()  # a new list (after a watch expired) that shows nothing new
+    tracker.node_event("MODIFIED", nodes[0])
+    tracker.lease_event(
+        "MODIFIED", {"metadata": {"name": "n1"}, "spec": {"renewTime": "2027-01-15T08:00:03Z"}}
+    )
     assert changes == [1]  # nothing flipped: no wake-up
+    assert tracker.snapshot()["n1"].last_heartbeat == T0 + 3  # type: ignore[index]
+    tracker.node_event("DELETED", nodes[1])
+    assert changes == [1, 1] and "n2" not in tracker.snapshot()  # type: ignore[operator]
+    # A lease watch silent for longer than kubelets allow is not trusted with heartbeats.
+    tracker.leases.last_seen = time.monotonic() - tracker.lease_silence_seconds - 1
+    assert tracker.snapshot()["n1"].last_heartbeat is None  # type: ignore[index]
 
 
 def test_editing_a_failed_job_retries_it() -> None:

@@ -13,13 +13,7 @@ from test_reconcile import REF, T0, Sim, make_spec, plan
 from relaunch import resources
 from relaunch.controller import handlers
 from relaunch.controller.events import event_name
-from relaunch.controller.kube import (
-    KubeError,
-    helper_job_view,
-    owner_uid,
-    pod_view,
-    resource_of,
-)
+from relaunch.controller.kube import KubeError, owner_uid, resource_of
 from relaunch.controller.reconcile import (
     HELPER_MAX_TRIES,
     ApiProblem,
@@ -30,6 +24,7 @@ from relaunch.controller.reconcile import (
     PodView,
     api_problem_status,
 )
+from relaunch.controller.views import helper_job_view, pod_view
 from relaunch.model import SpecError, check_name, parse_spec
 
 

@@ -58,7 +58,8 @@ is one the operator's code (relaunch.controller) or kopf makes:
 - Services: the headless rendezvous Service, created once ("already exists" is fine when it is
   ours); read and deleted when a namesake's Service is in the way.
 - ConfigMaps: the rendered training config of each attempt (create), and the user's config
-  when spec.config.configMapRef names one (get); a namesake's leftover is deleted.
+  when spec.config.configMapRef names one (listed and watched in that job's namespace, so an
+  edit is seen at once; get while that watch starts); a namesake's leftover is deleted.
 - Jobs: the planning and conversion Jobs, created, listed by label and watched; deleted when
   a try is abandoned (its pod killed, past its deadline, or its node lost), when spec.suspend
   interrupts a recovery, or when a namesake left one; finished ones are otherwise removed by the
@@ -84,7 +85,7 @@ is one the operator's code (relaunch.controller) or kopf makes:
   verbs: ["get", "create", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete"]
@@ -95,23 +96,33 @@ is one the operator's code (relaunch.controller) or kopf makes:
 
 {{/*
 Nodes are cluster-scoped, so even the namespaced mode needs this small ClusterRole: the
-operator lists them (polling) to notice a NotReady or deleted node within the job's grace period.
+operator lists and watches them to notice a NotReady or deleted node within the job's grace period.
 */}}
 {{- define "relaunch.nodeRules" -}}
 - apiGroups: [""]
   resources: ["nodes"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 {{- end -}}
 
 {{/*
-Node heartbeats: the kubelet renews a Lease per node in kube-node-lease; the operator lists
-them to see a silent node before its Ready condition changes. A Role in that one namespace,
+Node heartbeats: the kubelet renews a Lease per node in kube-node-lease; the operator lists and
+watches them to see a silent node before its Ready condition changes. A Role in that one namespace,
 never leases cluster-wide (other leases are controllers' leader elections).
 */}}
 {{- define "relaunch.nodeLeaseRules" -}}
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
+{{- end -}}
+
+{{/*
+Leader election (leaderElection.enabled): the replicas share one Lease in the release's
+namespace; each reads it, the first creates it, the holder renews it (update).
+*/}}
+{{- define "relaunch.leaderRules" -}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update"]
 {{- end -}}
 
 {{/* Rules that involve several values; the schema checks each value on its own. */}}
@@ -124,6 +135,9 @@ never leases cluster-wide (other leases are controllers' leader elections).
 {{- end -}}
 {{- if and (not .Values.serviceAccount.create) (empty .Values.serviceAccount.name) -}}
 {{- fail "serviceAccount.create is false but serviceAccount.name is empty: name the existing ServiceAccount the operator runs as" -}}
+{{- end -}}
+{{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) -}}
+{{- fail (printf "replicas is %d but leaderElection.enabled is false: several replicas acting at once would fight over the same jobs; enable leader election or run one replica" (int .Values.replicas)) -}}
 {{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled is true but metrics.service.enabled is false: the ServiceMonitor scrapes that Service; enable it" -}}

@@ -1,8 +1,8 @@
 """``relaunch operator``: run the TrainingJob controller (kopf) until interrupted.
 
-Standalone by default (one replica; the chart deploys it with ``strategy: Recreate``). With
-``--peering NAME`` several replicas coordinate through kopf's peering objects (which must then
-be installed, and the RBAC must allow them) so that only one of them acts at a time.
+Acts alone by default (one replica). With ``--leader-election`` several replicas share one
+coordination.k8s.io Lease and only its holder acts (:mod:`relaunch.controller.leader`); the
+chart runs it that way.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from typing import Any
 
 from relaunch.cli import UsageError
@@ -42,16 +43,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="serve a liveness probe, e.g. http://0.0.0.0:8081/healthz",
     )
     parser.add_argument(
-        "--peering",
-        metavar="NAME",
-        default=None,
-        help="coordinate with other replicas through this kopf peering object (default: standalone)",
+        "--leader-election",
+        action="store_true",
+        help="act only while holding a coordination.k8s.io Lease, so that of several replicas "
+        "exactly one acts and a standby takes over when it dies (default: act alone, run one replica)",
     )
     parser.add_argument(
-        "--node-poll-seconds",
-        type=float,
-        default=1.0,
-        help="how often node health (Ready condition, Lease heartbeat) is read (default 1)",
+        "--leader-election-namespace",
+        metavar="NS",
+        default=None,
+        help="namespace of the Lease (default: $POD_NAMESPACE, else 'default')",
+    )
+    parser.add_argument(
+        "--leader-election-name",
+        metavar="NAME",
+        default="relaunch-operator",
+        help="name of the Lease (default relaunch-operator)",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser
@@ -60,8 +67,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.metrics_port < 0 or args.metrics_port > 65535:
         raise UsageError(f"--metrics-port must be between 0 and 65535, got {args.metrics_port}")
-    if args.node_poll_seconds <= 0:
-        raise UsageError(f"--node-poll-seconds must be positive, got {args.node_poll_seconds}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -76,13 +81,16 @@ def run(args: argparse.Namespace) -> int:
     from relaunch.controller import handlers
 
     handlers.RUNTIME.metrics_port = args.metrics_port or None
-    handlers.RUNTIME.node_poll_seconds = args.node_poll_seconds
+    if args.leader_election:
+        namespace = args.leader_election_namespace or os.environ.get("POD_NAMESPACE") or "default"
+        handlers.RUNTIME.leader_lease = (namespace, args.leader_election_name)
     namespaces = list(args.namespace)
     try:
         asyncio.run(
             kopf.operator(
-                standalone=args.peering is None,
-                peering_name=args.peering,
+                # kopf's own peering would pause only kopf's handlers, not the job loops: one
+                # active replica is leader election's job (--leader-election).
+                standalone=True,
                 clusterwide=not namespaces,
                 namespaces=namespaces,
                 liveness_endpoint=args.liveness,

@@ -1,12 +1,15 @@
 """kopf wiring: settings, the watches, and the per-TrainingJob loops they start and wake.
 
 Handlers are thin. Each TrainingJob gets a loop (an asyncio task of this process, registered in
-:class:`relaunch.controller.loops.JobLoops`) that repeats: read the job, observe its pods, Jobs
-and the nodes, call the pure :func:`relaunch.controller.reconcile.reconcile`, apply the actions,
-write the status, post the Events, then sleep until a watch event about one of its objects (or a
-node) wakes it, or until the timer the state machine asked for (backoff, node-loss grace,
-polling) runs out. Being level-triggered, a missed event only costs latency, never correctness,
-and an operator restart simply continues from ``status``.
+:class:`relaunch.controller.loops.JobLoops`) that repeats: take the job as its newest event
+showed it, its pods and Jobs from kopf's indices and the nodes from the node watches (memory, no
+request: :mod:`relaunch.controller.cache`), call the pure
+:func:`relaunch.controller.reconcile.reconcile`, apply the actions, write the status, post the
+Events, then sleep until a watch event about one of its objects (or a node) wakes it, or until
+the timer the state machine asked for (backoff, node-loss grace) runs out. Being
+level-triggered, a missed event only costs latency, never correctness, and an operator restart
+simply continues from ``status``. With ``--leader-election`` only the replica holding the lease
+runs loops (:mod:`relaunch.controller.leader`); the others keep their watches warm.
 
 No handler requires a finalizer (kopf daemons and timers would), so a TrainingJob carries none
 and its deletion never waits for the operator: everything it owns goes with it through owner
@@ -28,17 +31,13 @@ import kopf
 
 from relaunch import resources
 from relaunch.controller import metrics
+from relaunch.controller.cache import ConfigMaps, Owned, index_key
 from relaunch.controller.events import EventRecorder
-from relaunch.controller.kube import (
-    ActionFailed,
-    ForeignObjectError,
-    JobIO,
-    Kube,
-    KubeError,
-    NodeTracker,
-    load_client_config,
-)
+from relaunch.controller.jobio import ActionFailed, JobIO
+from relaunch.controller.kube import ForeignObjectError, Kube, KubeError, load_client_config
+from relaunch.controller.leader import LeaderElection, exit_now
 from relaunch.controller.loops import JobLoop, JobLoops
+from relaunch.controller.nodes import NodeTracker
 from relaunch.controller.planning import RelaunchPlanner
 from relaunch.controller.progress import ProgressTracker, Target
 from relaunch.controller.reconcile import (
@@ -79,7 +78,9 @@ async def job_loop(loop: JobLoop) -> None:
     """
     assert RUNTIME.kube is not None, "the startup handler creates the API client"
     assert RUNTIME.events is not None, "the startup handler creates the Event recorder"
-    io = JobIO(RUNTIME.kube, loop.namespace, loop.name, loop.uid)
+    io = JobIO(
+        RUNTIME.kube, loop.namespace, loop.name, loop.uid, owned=RUNTIME.owned, configmaps=RUNTIME.configmaps
+    )
     body = kopf.Body(cast(kopf.RawBody, dict(loop.body)))
     # Warnings and errors reach the TrainingJob's Events too (settings.posting.level).
     logger: logging.Logger | kopf.ObjectLogger = (
@@ -92,7 +93,11 @@ async def job_loop(loop: JobLoop) -> None:
         started = time.monotonic()
         generation = loop.generation
         try:
-            outcome = await asyncio.to_thread(run_round, io, loop.uid, RUNTIME.events)
+            # Read on this thread: kopf mutates its indices here.
+            pods, jobs = RUNTIME.owned.of(loop.namespace, loop.name)
+            outcome = await asyncio.to_thread(run_round, io, loop.uid, RUNTIME.events, loop.body, pods, jobs)
+            if outcome is not None and outcome.body is not None:
+                loop.update(outcome.body)
             if outcome is None:
                 if RUNTIME.progress is not None:
                     RUNTIME.progress.stop(loop.key)
@@ -138,6 +143,8 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.kube: Kube | None = None
+        self.owned = Owned()
+        self.configmaps: ConfigMaps | None = None
         self.events: EventRecorder | None = None
         self.progress: ProgressTracker | None = None
         self.nodes: NodeTracker | None = None
@@ -147,18 +154,24 @@ class _Runtime:
         self.loops = JobLoops(job_loop, cancellation_timeout=CANCELLATION_SECONDS)
         self.resync: asyncio.Task[None] | None = None
         self.metrics_port: int | None = None
-        self.node_poll_seconds = 1.0
+        self.leader_lease: tuple[str, str] | None = None  # (namespace, name) with --leader-election
+        self.leader: LeaderElection | None = None
+        self.campaign: asyncio.Task[None] | None = None
 
     def wake_all_threadsafe(self) -> None:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loops.wake_all)
+
+    def wake_namespace_threadsafe(self, namespace: str) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loops.wake_namespace, namespace)
 
 
 RUNTIME = _Runtime()
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     # Our own names for what kopf stores on objects, not kopf's defaults. No handler requires
     # a finalizer, so kopf never adds this one; naming it lets kopf remove it from TrainingJobs
     # that an older operator version (with a kopf daemon per job) marked with it.
@@ -185,34 +198,63 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     RUNTIME.settings = settings
     RUNTIME.loop = asyncio.get_running_loop()
     RUNTIME.kube = Kube()
+    RUNTIME.owned.indices = {"Pod": kwargs["relaunch_pods"], "Job": kwargs["relaunch_jobs"]}
+    RUNTIME.configmaps = ConfigMaps(RUNTIME.kube, on_change=RUNTIME.wake_namespace_threadsafe)
     RUNTIME.events = EventRecorder(RUNTIME.kube)
     RUNTIME.progress = ProgressTracker(RUNTIME.kube.stream)
-    RUNTIME.nodes = NodeTracker(
-        RUNTIME.kube, interval=RUNTIME.node_poll_seconds, on_change=RUNTIME.wake_all_threadsafe
-    )
-    await asyncio.to_thread(_first_node_refresh, RUNTIME.nodes)
+    RUNTIME.nodes = NodeTracker(RUNTIME.kube, on_change=RUNTIME.wake_all_threadsafe)
     RUNTIME.nodes.start()
     RUNTIME.resync = asyncio.create_task(RUNTIME.loops.resync_forever(RESYNC_SECONDS), name="relaunch-resync")
+    if RUNTIME.leader_lease is not None:
+        RUNTIME.leader = LeaderElection(RUNTIME.kube, *RUNTIME.leader_lease)
+        RUNTIME.loops.active = False
+        RUNTIME.campaign = asyncio.create_task(
+            RUNTIME.leader.campaign(RUNTIME.loops.activate, _lost_leadership), name="relaunch-leader"
+        )
     if RUNTIME.metrics_port:
         metrics.serve(RUNTIME.metrics_port)
 
 
-def _first_node_refresh(tracker: NodeTracker) -> None:
-    try:
-        tracker.refresh()
-    except Exception as exc:  # the polling thread keeps trying
-        log.warning("first node refresh failed: %s", exc)
+def _lost_leadership() -> None:
+    RUNTIME.loops.active = False
+    exit_now()
 
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
+    if RUNTIME.campaign is not None:
+        RUNTIME.campaign.cancel()
     if RUNTIME.resync is not None:
         RUNTIME.resync.cancel()
     await RUNTIME.loops.shutdown()
+    if RUNTIME.leader is not None and RUNTIME.leader.leading:
+        try:
+            await asyncio.to_thread(RUNTIME.leader.release)
+        except Exception as exc:  # the standby then waits for the Lease to expire
+            log.warning("could not release the leader lease: %s", exc)
     if RUNTIME.progress is not None:
         RUNTIME.progress.stop_all()
     if RUNTIME.nodes is not None:
         RUNTIME.nodes.stop()
+    if RUNTIME.configmaps is not None:
+        RUNTIME.configmaps.stop()
+
+
+# The pods and Jobs of every TrainingJob, by (namespace, job): what the loops read. kopf lists
+# indexed resources before any other handler runs, so loops never start on a half-listed world.
+@kopf.index("pods", labels={resources.LABEL_JOB: kopf.PRESENT})
+def relaunch_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return {index_key(namespace, labels): _raw(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels={resources.LABEL_JOB: kopf.PRESENT})
+def relaunch_jobs(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return {index_key(namespace, labels): _raw(body)}
+
+
+def _raw(body: kopf.Body) -> dict[str, Any]:
+    """The object as the API sent it (a plain dict the rounds may read from any thread)."""
+    return {key: body.get(key) for key in body}
 
 
 @kopf.on.event("pods", labels={resources.LABEL_JOB: kopf.PRESENT})
@@ -233,22 +275,7 @@ async def trainingjob_changed(
         # Being deleted (another finalizer, or foreground deletion, holds it): act no more.
         RUNTIME.loops.stop(*key, uid=uid)
     elif uid:
-        RUNTIME.loops.ensure(*key, uid=uid, body=_identity(body))
-
-
-def _identity(body: kopf.Body) -> dict[str, Any]:
-    """What a loop keeps of the body: enough to post Events about the job, and its generation."""
-    meta = body.get("metadata", {})
-    return {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
-        "metadata": {
-            "name": meta.get("name"),
-            "namespace": meta.get("namespace"),
-            "uid": meta.get("uid"),
-            "generation": meta.get("generation"),
-        },
-    }
+        RUNTIME.loops.ensure(*key, uid=uid, body=_raw(body))
 
 
 def follow_progress(
@@ -276,25 +303,34 @@ def follow_progress(
 
 @dataclass
 class RoundOutcome:
-    """What a round did: the reconcile result it applied, or the API problem that stopped it."""
+    """What a round did: the reconcile result it applied, or the API problem that stopped it,
+    and the TrainingJob as its status write returned it (None: no write)."""
 
     result: Result | None
     problem: ApiProblem | None = None
+    body: dict[str, Any] | None = None
 
     @property
     def requeue_after(self) -> float:
         return self.result.requeue_after if self.result is not None else ERROR_RETRY_SECONDS
 
 
-def run_round(io: JobIO, uid: str, events: EventRecorder) -> RoundOutcome | None:
-    """One observe -> decide -> act -> record round (blocking I/O; runs in a worker thread).
+def run_round(
+    io: JobIO,
+    uid: str,
+    events: EventRecorder,
+    body: Mapping[str, Any],
+    pods: list[dict[str, Any]],
+    jobs: list[dict[str, Any]],
+) -> RoundOutcome | None:
+    """One decide -> act -> record round over what the watches show (``body``, ``pods``,
+    ``jobs``); blocking I/O for the actions, so it runs in a worker thread.
 
     None when the job is gone (deleted, replaced by a namesake, or its namespace is being
     deleted): the loop ends.
     """
-    body = io.get_trainingjob()
-    if body is None or (body.get("metadata") or {}).get("uid") != uid:
-        return None  # deleted (or replaced by a namesake, whose own loop the watch starts)
+    if (body.get("metadata") or {}).get("uid") != uid:
+        return None  # replaced by a namesake, whose own loop the watch starts
     meta = body.get("metadata") or {}
     try:
         check_name(meta.get("name", ""))
@@ -303,7 +339,7 @@ def run_round(io: JobIO, uid: str, events: EventRecorder) -> RoundOutcome | None
         spec = exc
     status = body.get("status") or {}
     nodes = RUNTIME.nodes.snapshot() if RUNTIME.nodes is not None else None
-    observed = io.observe(spec if not isinstance(spec, SpecError) else None, nodes)
+    observed = io.observe(spec if not isinstance(spec, SpecError) else None, nodes, pods, jobs)
     if RUNTIME.progress is not None:
         observed = replace(observed, progress=follow_progress(RUNTIME.progress, io, spec, status, observed))
     ref = resources.JobRef(io.name, io.namespace, uid)
@@ -317,7 +353,12 @@ def run_round(io: JobIO, uid: str, events: EventRecorder) -> RoundOutcome | None
         if failed.error.namespace_terminating:
             return None
         return _report_problem(io, ref, events, status, meta.get("generation"), failed)
-    io.patch_status(status, result.status)
+    try:
+        written = io.patch_status(status, result.status)
+    except KubeError as exc:
+        if exc.status == 404:
+            return None  # deleted meanwhile: its DELETED event stops the loop too
+        raise
     for event in result.events:
         events.post(ref, event.type, event.reason, event.message)
         log.info("%s/%s %s: %s", io.namespace, io.name, event.reason, event.message)
@@ -329,8 +370,8 @@ def run_round(io: JobIO, uid: str, events: EventRecorder) -> RoundOutcome | None
     except ActionFailed as failed:
         if failed.error.namespace_terminating:
             return None
-        return _report_problem(io, ref, events, result.status, meta.get("generation"), failed)
-    return RoundOutcome(result)
+        return _report_problem(io, ref, events, result.status, meta.get("generation"), failed, written)
+    return RoundOutcome(result, body=written)
 
 
 def _report_problem(
@@ -340,6 +381,7 @@ def _report_problem(
     status: dict[str, Any],
     generation: int | None,
     failed: ActionFailed,
+    written: dict[str, Any] | None = None,
 ) -> RoundOutcome:
     """Record an action the API server did not carry out in the status and one (counted) Event;
     a namesake's leftover in the way is deleted so that the retry can succeed."""
@@ -352,9 +394,9 @@ def _report_problem(
                 "%s/%s: could not delete %s %s: %s", io.namespace, io.name, problem.kind, problem.name, exc
             )
     new = api_problem_status(status, problem, time.time(), generation)
-    io.patch_status(status, new)
+    written = io.patch_status(status, new) or written
     events.post(ref, "Warning", problem.reason, problem.describe)
-    return RoundOutcome(None, problem)
+    return RoundOutcome(None, problem, written)
 
 
 async def _sleep(loop: JobLoop, delay: float, unless_generation: int | object | None = None) -> None:

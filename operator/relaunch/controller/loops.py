@@ -21,6 +21,8 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
+from relaunch.controller.cache import newer
+
 log = logging.getLogger(__name__)
 
 #: (namespace, name) of a TrainingJob.
@@ -30,8 +32,8 @@ Key = tuple[str, str]
 class JobLoop:
     """One TrainingJob's loop: the job it serves, its wake-up and stop signals, and its task.
 
-    ``body`` is the newest body an event brought (only its identity is used: for posting Events
-    and logging); the loop reads the job itself from the API server each round.
+    ``body`` is the newest TrainingJob the loop knows: from the watch's events, or from the
+    loop's own status write when that is newer (:meth:`update`). Each round reads it.
     """
 
     def __init__(self, key: Key, uid: str, body: Mapping[str, Any], context: contextvars.Context) -> None:
@@ -45,6 +47,11 @@ class JobLoop:
         # The context of the handler that first saw the job (kopf's Event posting reads its
         # context variables); every start of the loop runs in a fresh copy of it.
         self.context = context
+
+    def update(self, body: Mapping[str, Any]) -> None:
+        """Take ``body`` unless the loop already knows a newer version of the job."""
+        if newer(body, self.body):
+            self.body = body
 
     @property
     def generation(self) -> int | None:
@@ -72,10 +79,12 @@ class JobLoops:
     ``cancellation_timeout`` seconds otherwise). Call the methods from the event loop's thread.
     """
 
-    def __init__(self, run: LoopFn, *, cancellation_timeout: float = 10.0) -> None:
+    def __init__(self, run: LoopFn, *, cancellation_timeout: float = 10.0, active: bool = True) -> None:
         self._run = run
         self._loops: dict[Key, JobLoop] = {}
         self.cancellation_timeout = cancellation_timeout
+        # Whether this replica acts: a standby (leader election) knows its jobs but runs no loop.
+        self.active = active
 
     def get(self, namespace: str, name: str) -> JobLoop | None:
         return self._loops.get((namespace, name))
@@ -96,7 +105,7 @@ class JobLoops:
             self._loops[key] = loop
             self._start(loop)
             return loop
-        loop.body = body
+        loop.update(body)
         if loop.task is None or loop.task.done():
             self._start(loop)
         loop.wake.set()
@@ -115,6 +124,16 @@ class JobLoops:
         for namespace, name in list(self._loops):
             self.wake(namespace, name)
 
+    def wake_namespace(self, namespace: str) -> None:
+        for ns, name in list(self._loops):
+            if ns == namespace:
+                self.wake(ns, name)
+
+    def activate(self) -> None:
+        """Start acting (this replica became the leader): start every known job's loop."""
+        self.active = True
+        self.resync()
+
     def stop(self, namespace: str, name: str, uid: str | None = None) -> None:
         """Stop the job's loop (of that uid, if given): ask it to end, cancel it if it lingers."""
         key = (namespace, name)
@@ -130,6 +149,8 @@ class JobLoops:
 
     def resync(self) -> int:
         """Restart every loop whose task ended while its job is still known; how many were."""
+        if not self.active:
+            return 0
         restarted = 0
         for loop in list(self._loops.values()):
             if loop.task is None or loop.task.done():
@@ -157,6 +178,8 @@ class JobLoops:
         await asyncio.gather(*pending, return_exceptions=True)
 
     def _start(self, loop: JobLoop) -> None:
+        if not self.active:
+            return
         if loop.starts:
             log.warning(
                 "the loop of TrainingJob %s/%s had ended while the job is still known: restarting it",
