@@ -234,6 +234,20 @@ def test_checkpoint_2_resize_resumes_the_newest_complete_iteration_without_conve
     assert "load_checkpoint" not in config_text and "resume_training" not in config_text
 
 
+def test_the_plan_decides_data_parallel_from_the_sizes_the_operator_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The planning Job does not see the config: the operator passes the sizes that stay.
+    checkpoint = tmp_path / "checkpoint"
+    trees.build_v2(checkpoint, 4, [100])
+    args = [str(checkpoint), "--world-size", "2", "--ranks", "4", "--reason", "Resize"]
+    data = run_json(capsys, *args, "--model-parallel", "2", "--pipeline-stage", "1")
+    assert data["parallel"] == {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1}
+    refused = run_json(capsys, *args, "--model-parallel", "4", "--pipeline-stage", "1")
+    assert refused["action"] == "fail" and "cannot be factored" in refused["message"]
+    assert "parallel" not in run_json(capsys, *args)  # no sizes, no config: nothing to decide
+
+
 def test_a_step_saved_by_more_ranks_than_told_is_converted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -645,6 +645,32 @@ def test_real_planner_reads_plan_json_and_renders_the_config() -> None:
     assert "demo_rank_0-1_10.safetensors" in rendered
 
 
+def test_real_planner_passes_the_sizes_that_stay_and_renders_the_plans_parallel_layout() -> None:
+    from relaunch.plan import Plan
+
+    planner = RelaunchPlanner()
+    spec = parse_spec(make_spec())
+    config = CONFIG + "parallel_config:\n  data_parallel: 4\n  model_parallel: 2\n  pipeline_stage: 1\n"
+    kwargs: dict[str, Any] = {"reason": "Resize", "previous_world_size": 8, "last_conversion": None}
+    command = planner.plan_command(spec, world_size=4, config_text=config, **kwargs)
+    assert command[command.index("--model-parallel") + 1] == "2"
+    assert command[command.index("--pipeline-stage") + 1] == "1"
+    assert "--model-parallel" not in planner.plan_command(spec, world_size=4, config_text=None, **kwargs)
+    assert planner.factorable(4, config) and not planner.factorable(3, config)
+    plan = Plan(
+        action="fresh",
+        reason="Resize",
+        world_size=4,
+        previous_world_size=8,
+        checkpoint_dir="/shared/output/checkpoint",
+        layout="empty",
+        message="fresh",
+        parallel={"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1},
+    )
+    rendered = planner.render(config, planner.interpret(plan.dumps()), spec)
+    assert "  data_parallel: 2\n" in rendered and "  model_parallel: 2\n" in rendered
+
+
 def test_real_planner_rejects_garbage() -> None:
     with pytest.raises(ValueError):
         RelaunchPlanner().interpret("not json")

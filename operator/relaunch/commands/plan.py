@@ -6,6 +6,7 @@ Usage::
                   [--format safetensors|ckpt] [--resume Latest|Unified|NAME] [--unified-dir U]
                   [--conversion Unify|Reshard] [--reason Failure|Resize|ConfigChange|Start]
                   [--last-conversion JSON] [--config FILE [--workdir W] [--rendered-config OUT]]
+                  [--model-parallel MP --pipeline-stage PP]
                   [--verify header|deep] [--termination-log PATH] [--json]
 
 The planning Job of the operator runs it with ``--termination-log /dev/termination-log``: the
@@ -168,6 +169,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--workdir", metavar="W", help="trainer's working directory (resolves relative paths)"
     )
     parser.add_argument("--rendered-config", metavar="OUT", help="write the rewritten config to OUT")
+    parser.add_argument(
+        "--model-parallel",
+        type=_positive,
+        metavar="MP",
+        help="the config's model_parallel, when --config is not given (the plan then sets data_parallel)",
+    )
+    parser.add_argument(
+        "--pipeline-stage",
+        type=_positive,
+        metavar="PP",
+        help="the config's pipeline_stage, when --config is not given",
+    )
     parser.add_argument("--verify", choices=("header", "deep"), default="header")
     parser.add_argument("--termination-log", metavar="PATH", help="also write the compact plan JSON to PATH")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -253,7 +266,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, str | None]:
     # A plan's JSON leaves out source paths equal to the checkpoint dir; the record is that JSON.
     last = Conversion.from_json(args.last_conversion, checkpoint_dir) if args.last_conversion else None
     text = config_module.load_text(args.config) if args.config else None
-    model_parallel = pipeline_stage = None
+    model_parallel, pipeline_stage = args.model_parallel, args.pipeline_stage
     config_problem: str | None = None
     if text is not None:
         try:

@@ -72,6 +72,11 @@ class RelaunchPlanner:
         cmd += ["--reason", _PLAN_REASON.get(reason, "Failure")]
         if last_conversion:
             cmd += ["--last-conversion", last_conversion]
+        sizes = _model_sizes(config_text)
+        if sizes is not None:
+            # The planning Job does not see the config: it gets the sizes that stay, and the
+            # plan decides data_parallel for the new world size (relaunch.plan, one place).
+            cmd += ["--model-parallel", str(sizes[0]), "--pipeline-stage", str(sizes[1])]
         cmd += ["--json", "--termination-log", resources.TERMINATION_LOG]
         return cmd
 
@@ -128,29 +133,28 @@ class RelaunchPlanner:
         containers = (spec.template.get("spec") or {}).get("containers") or [{}]
         workdir = containers[0].get("workingDir")
         plan = outcome.detail
-        rendered = config_mod.rewrite(
-            text, plan, expected_checkpoint_dir=spec.checkpoint.dir, workdir=workdir
-        )
-        if plan.parallel is None:
-            # The planning Job does not see the config, so the data-parallel size for the new world
-            # size is set here: model and pipeline parallelism stay as the config has them.
-            settings = config_mod.read_settings(rendered)
-            if settings["world_size"] != plan.world_size:
-                dp, _, _ = config_mod.parallel_for_world_size(
-                    plan.world_size, settings["model_parallel"], settings["pipeline_stage"]
-                )
-                rendered = config_mod.set_parallel(rendered, data_parallel=dp)
-        return rendered
+        # plan.parallel (the sizes the plan decided) sets parallel_config; see plan_command.
+        return config_mod.rewrite(text, plan, expected_checkpoint_dir=spec.checkpoint.dir, workdir=workdir)
 
     def factorable(self, world_size: int, config_text: str | None) -> bool:
-        """Whether ``world_size`` ranks fit the config's model x pipeline parallelism."""
-        if config_text is None:
+        """Whether ``world_size`` ranks fit the config's model x pipeline parallelism (asked
+        before choosing an elastic size, with the same rule the plan applies)."""
+        sizes = _model_sizes(config_text)
+        if sizes is None:
             return True
         try:
-            settings = config_mod.read_settings(config_text)
-            config_mod.parallel_for_world_size(
-                world_size, settings["model_parallel"], settings["pipeline_stage"]
-            )
+            config_mod.parallel_for_world_size(world_size, *sizes)
         except ValueError:
             return False
         return True
+
+
+def _model_sizes(config_text: str | None) -> tuple[int, int] | None:
+    """The config's (model_parallel, pipeline_stage): what stays when the world size changes."""
+    if config_text is None:
+        return None
+    try:
+        settings = config_mod.read_settings(config_text)
+    except ValueError:
+        return None  # the planning Job's --config-free plan then keeps the sizes as they are
+    return int(settings["model_parallel"]), int(settings["pipeline_stage"])
