@@ -125,6 +125,8 @@ async def job_loop(loop: JobLoop) -> None:
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         await _sleep(loop, delay)
         await asyncio.sleep(COALESCE_SECONDS)
+    if RUNTIME.progress is not None:  # stopped: the job was deleted (or this replica stops)
+        RUNTIME.progress.stop(loop.key)
 
 
 def retry_delay(failures: int, retry_after: float | None, short: bool = False) -> float:
