@@ -380,7 +380,7 @@ def _report_problem(
     io: JobIO,
     ref: resources.JobRef,
     events: EventRecorder,
-    status: dict[str, Any],
+    status: Mapping[str, Any],
     generation: int | None,
     failed: ActionFailed,
     written: dict[str, Any] | None = None,

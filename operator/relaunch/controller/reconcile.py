@@ -55,10 +55,20 @@ import copy
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from relaunch import config as config_mod
 from relaunch import resources
+from relaunch.controller.status import (
+    CheckpointRef,
+    Condition,
+    JobStatus,
+    LastFailure,
+    Progress,
+    QuarantinedNode,
+    Recovery,
+    RecoveryRecord,
+)
 from relaunch.model import NodeHealth, SpecError, TrainingJobSpec
 
 HISTORY_LIMIT = 20
@@ -242,10 +252,10 @@ Action = Create | DeletePod | DeleteJob
 @dataclass
 class Result:
     actions: list[Action]
-    status: dict[str, Any]
+    status: JobStatus
     events: list[Event]
     requeue_after: float
-    completed_recovery: dict[str, Any] | None = None  # the history entry, for metrics
+    completed_recovery: RecoveryRecord | None = None  # the history entry, for metrics
     conversion_report: str | None = None  # the conversion Job's termination message
 
 
@@ -291,11 +301,11 @@ class ApiProblem:
 
 def api_problem_status(
     status: Mapping[str, Any], problem: ApiProblem, now: float, generation: int | None
-) -> dict[str, Any]:
+) -> JobStatus:
     """The status to write when a round's actions were not carried out: the status as it was
     (nothing it would have recorded happened), with the problem in ``message`` and the Ready
     condition. The next round decides the same actions again (level-triggered) and retries them."""
-    st = copy.deepcopy(dict(status))
+    st = cast(JobStatus, copy.deepcopy(dict(status)))
     st["message"] = f"{problem.reason}: {problem.describe}; retrying with backoff"
     set_condition(st, "Ready", False, problem.reason, st["message"], now, generation)
     return st
@@ -361,7 +371,7 @@ def parse_time(value: Any) -> float | None:
 
 
 def set_condition(
-    status: dict[str, Any],
+    status: JobStatus,
     type_: str,
     state: bool,
     reason: str,
@@ -371,9 +381,9 @@ def set_condition(
 ) -> None:
     """Set one condition (keyed by type), keeping lastTransitionTime when the status is unchanged."""
     value = "True" if state else "False"
-    conditions = [dict(c) for c in status.get("conditions") or []]
+    conditions: list[Condition] = [Condition(**c) for c in status.get("conditions") or []]
     old = next((c for c in conditions if c.get("type") == type_), None)
-    new = {
+    new: Condition = {
         "type": type_,
         "status": value,
         "reason": reason,
@@ -420,8 +430,8 @@ class Failure:
     def permanent(self) -> bool:
         return self.action == "Fail"
 
-    def as_status(self, now: float) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def as_status(self, now: float) -> LastFailure:
+        out: LastFailure = {
             "reason": self.reason,
             "message": self.message,
             "pod": self.pod,
@@ -538,11 +548,11 @@ class _Round:
     observed: Observed
     now: float
     planner: Planner
-    status: dict[str, Any]
+    status: JobStatus
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue: float = IDLE_REQUEUE_SECONDS
-    completed: dict[str, Any] | None = None
+    completed: RecoveryRecord | None = None
     conversion_report: str | None = None
 
     def wake_in(self, seconds: float) -> None:
@@ -563,7 +573,7 @@ class _Round:
         self.status["message"] = message
         self.condition("Ready", False, reason, message)
 
-    def past_deadline(self, rec: dict[str, Any], awaiting: str) -> bool:
+    def past_deadline(self, rec: Recovery, awaiting: str) -> bool:
         """Whether the stage is past its deadline (spec.recovery.deadlines); if so the Stalled
         condition (and one Event) says what it waits for. Otherwise wake up at the deadline."""
         stage = str(rec.get("stage"))
@@ -596,7 +606,7 @@ def reconcile(
     planner: Planner,
 ) -> Result:
     """One level-triggered round: see the module docstring."""
-    st = copy.deepcopy(dict(status or {}))
+    st = cast(JobStatus, copy.deepcopy(dict(status or {})))
     if isinstance(spec, SpecError):
         if st.get("phase") != FAILED:
             st["phase"] = FAILED
@@ -912,7 +922,7 @@ def _record_progress(r: _Round, attempt: int, *, now: bool = False) -> None:
     fresh = recorded is not None and view.at - recorded < PROGRESS_REFRESH_SECONDS
     if not now and old.get("attempt") == attempt and fresh:
         return
-    progress: dict[str, Any] = {
+    progress: Progress = {
         "attempt": attempt,
         "step": view.step,
         "globalStep": view.global_step,
@@ -996,7 +1006,8 @@ def _quarantine(r: _Round, node: str, seconds: int, why: str) -> None:
     st = r.status
     until = iso(r.now + seconds)
     entries = [e for e in st.get("quarantinedNodes") or [] if e.get("node") != node]
-    st["quarantinedNodes"] = [*entries, {"node": node, "until": until, "reason": why}][-HISTORY_LIMIT:]
+    entry: QuarantinedNode = {"node": node, "until": until, "reason": why}
+    st["quarantinedNodes"] = [*entries, entry][-HISTORY_LIMIT:]
     r.event("Warning", "NodeQuarantined", f"node {node} is avoided by this job until {until}: {why}")
 
 
@@ -1063,7 +1074,7 @@ def _record_superseded(r: _Round, by_reason: str) -> None:
     rec = r.status.pop("recovery", None)
     if not rec:
         return
-    entry: dict[str, Any] = {
+    entry: RecoveryRecord = {
         "attempt": int(rec["attempt"]),
         "reason": rec["reason"],
         "message": rec.get("message", ""),
@@ -1086,7 +1097,7 @@ def _start_recovery(
     # exists): the next one must not reuse it.
     target = max(attempt, int(st.get("lastPlannedAttempt") or 0)) + 1
     st["lastPlannedAttempt"] = target
-    rec: dict[str, Any] = {
+    rec: Recovery = {
         "attempt": target,
         "reason": reason,
         "message": message,
@@ -1129,7 +1140,8 @@ def _start_recovery(
 
 
 def _enter_stage(r: _Round, stage: str) -> None:
-    rec = r.status["recovery"]
+    rec = r.status.get("recovery")
+    assert rec is not None, "a stage is entered during a recovery"
     rec.pop("helperTries", None)
     rec.pop("helperRetryAt", None)
     _clear_stalled(r, f"{rec['stage']} done")
@@ -1185,7 +1197,7 @@ def _lost_nodes(r: _Round) -> set[str]:
     return lost
 
 
-def _stopping(r: _Round, rec: dict[str, Any]) -> bool:
+def _stopping(r: _Round, rec: Recovery) -> bool:
     target = int(rec["attempt"])
     old = [p for p in r.observed.pods if p.attempt < target]
     if not old:
@@ -1223,7 +1235,7 @@ def _stopping(r: _Round, rec: dict[str, Any]) -> bool:
     return False
 
 
-def _plan_outcome(r: _Round, rec: dict[str, Any]) -> PlanOutcome | None:
+def _plan_outcome(r: _Round, rec: Recovery) -> PlanOutcome | None:
     text = rec.get("plan")
     if not text:
         return None
@@ -1237,7 +1249,7 @@ HELPER_RETRY_SECONDS = 5.0
 
 
 def _helper(
-    r: _Round, rec: dict[str, Any], role: str, build: Callable[[int], dict[str, Any]]
+    r: _Round, rec: Recovery, role: str, build: Callable[[int], dict[str, Any]]
 ) -> tuple[HelperJobView | None, str | None]:
     """Run the stage's helper Job through its tries.
 
@@ -1250,7 +1262,7 @@ def _helper(
     saying why, without a limit: the recovery continues when the cluster lets it run.
     """
     what = "planning" if role == resources.ROLE_PLAN else "conversion"
-    key = "planJob" if role == resources.ROLE_PLAN else "convertJob"
+    key: Literal["planJob", "convertJob"] = "planJob" if role == resources.ROLE_PLAN else "convertJob"
     try_ = int(rec.get("helperTries") or 1)
     job_name = resources.plan_job_name if role == resources.ROLE_PLAN else resources.convert_job_name
     name = job_name(r.ref.name, int(rec["attempt"]), try_)
@@ -1307,7 +1319,7 @@ def _helper(
     return None, None
 
 
-def _planning(r: _Round, rec: dict[str, Any]) -> bool:
+def _planning(r: _Round, rec: Recovery) -> bool:
     target = int(rec["attempt"])
     if not rec.get("plan"):
         reason = rec["reason"]
@@ -1363,7 +1375,7 @@ def _planning(r: _Round, rec: dict[str, Any]) -> bool:
     return True
 
 
-def _converting(r: _Round, rec: dict[str, Any]) -> bool:
+def _converting(r: _Round, rec: Recovery) -> bool:
     st = r.status
     target = int(rec["attempt"])
     outcome = _plan_outcome(r, rec)
@@ -1412,7 +1424,7 @@ def _converting(r: _Round, rec: dict[str, Any]) -> bool:
     return False
 
 
-def _starting(r: _Round, rec: dict[str, Any]) -> bool:
+def _starting(r: _Round, rec: Recovery) -> bool:
     st, spec = r.status, r.spec
     target = int(rec["attempt"])
     replicas = int(rec["replicas"])
@@ -1456,15 +1468,15 @@ def _starting(r: _Round, rec: dict[str, Any]) -> bool:
         st["worldSize"] = replicas * spec.ranks_per_worker
         st["configHash"] = spec.restart_hash(r.observed.config_text)
         if outcome.step is not None:
-            checkpoint: dict[str, Any] = {"step": outcome.step}
-            for key, value in (
-                ("epoch", outcome.epoch),
-                ("file", outcome.file),
-                ("ranks", outcome.ranks),
-                ("kind", outcome.kind),
-            ):
-                if value is not None:
-                    checkpoint[key] = value
+            checkpoint: CheckpointRef = {"step": outcome.step}
+            if outcome.epoch is not None:
+                checkpoint["epoch"] = outcome.epoch
+            if outcome.file is not None:
+                checkpoint["file"] = outcome.file
+            if outcome.ranks is not None:
+                checkpoint["ranks"] = outcome.ranks
+            if outcome.kind is not None:
+                checkpoint["kind"] = outcome.kind
             st["checkpoint"] = checkpoint
         else:
             st.pop("checkpoint", None)
@@ -1501,7 +1513,7 @@ def _starting(r: _Round, rec: dict[str, Any]) -> bool:
 
 
 def _why_not_running(
-    r: _Round, rec: dict[str, Any], pods: Sequence[PodView], replicas: int, shrink_note: str
+    r: _Round, rec: Recovery, pods: Sequence[PodView], replicas: int, shrink_note: str
 ) -> str:
     """What keeps workers from running, in the cluster's own words; reported at once when a
     worker will not start by itself (an image that cannot be pulled, a missing ConfigMap or
@@ -1739,14 +1751,14 @@ def _grow_back_note(r: _Round, attempt: int, note: str | None) -> None:
         r.event("Normal", "GrowBackWaiting", note)
 
 
-def _complete_recovery(r: _Round, rec: dict[str, Any]) -> None:
+def _complete_recovery(r: _Round, rec: Recovery) -> None:
     st = r.status
     _enter_stage(r, "Running")
     seconds = dict(rec.get("seconds") or {})
     detected = parse_time(rec.get("detectedAt")) or r.now
     seconds["total"] = round(max(0.0, r.now - detected), 3)
     outcome = _plan_outcome(r, rec)
-    entry: dict[str, Any] = {
+    entry: RecoveryRecord = {
         "attempt": int(rec["attempt"]),
         "reason": rec["reason"],
         "message": rec.get("message", ""),
