@@ -58,7 +58,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from relaunch import config as config_mod
-from relaunch import resources
+from relaunch import preconvert, resources
 from relaunch.model import NodeHealth, SpecError, TrainingJobSpec
 
 HISTORY_LIMIT = 20
@@ -675,6 +675,7 @@ def _active(r: _Round) -> None:
     rec = st.get("recovery")
     if rec is None:
         return
+    _stop_preconversion(r, f"the {rec['reason']} recovery started")
     if r.observed.foreign:
         _remove_predecessor_leftovers(r)
         return
@@ -698,6 +699,7 @@ def _suspend(r: _Round) -> None:
     rec = st.get("recovery")
     interrupted = f"; the {rec['reason']} recovery was interrupted in its {rec['stage']} stage" if rec else ""
     _record_superseded(r, "Suspended")
+    _stop_preconversion(r, "the job was suspended")
     for job in sorted(r.observed.jobs.values(), key=lambda j: j.name):
         if not (job.succeeded or job.failed):
             r.actions.append(DeleteJob(job.name))
@@ -840,6 +842,7 @@ def _watch_running(r: _Round, attempt: int) -> None:
         st["phase"] = RUNNING
         st["message"] = f"{running} workers running (attempt {attempt})"
         r.condition("Ready", True, "AllWorkersRunning", st["message"])
+    _preconvert(r, attempt, running == expected)
 
 
 def _unhealthy_worker(r: _Round, pods: Sequence[PodView]) -> Failure | None:
@@ -1450,6 +1453,10 @@ def _starting(r: _Round, rec: dict[str, Any]) -> bool:
             r.actions.append(
                 Create(resources.build_worker_pod(r.ref, spec, target, index, replicas, avoid_nodes=avoid))
             )
+        if outcome.action == "resume" and outcome.conversion_record:
+            # The plan resumes from a finished conversion (made ahead of need, or by an earlier
+            # try): later plans need its record as much as after a conversion Job.
+            st["lastConversion"] = outcome.conversion_record
         st["attempt"] = target
         st["workers"] = replicas
         st["replicasRequested"] = int(rec.get("requested") or spec.replicas)
@@ -1760,6 +1767,10 @@ def _complete_recovery(r: _Round, rec: dict[str, Any]) -> None:
         entry["fromStep"] = outcome.step
         if outcome.epoch is not None:
             entry["fromEpoch"] = outcome.epoch
+    if outcome is not None and preconvert.used_preconversion(
+        outcome.conversion_record, st.get("preconverted") or []
+    ):
+        entry["preconverted"] = True  # resumed from a conversion made ahead of need
     st["recoveries"] = ([*list(st.get("recoveries") or []), entry])[-HISTORY_LIMIT:]
     st.pop("recovery", None)
     st["runningSince"] = iso_precise(r.now)
@@ -1781,3 +1792,168 @@ def _complete_recovery(r: _Round, rec: dict[str, Any]) -> None:
     r.completed = entry
     if r.spec.config is not None and r.spec.config.config_map:
         r.wake_in(POLL_SECONDS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion ahead of need (spec.elastic.preconvert)
+
+#: While a pre-conversion Job runs, look at it this often.
+PRECONVERT_POLL_SECONDS = 5.0
+#: A pre-conversion Job not listed this long after it was created is taken as gone.
+PRECONVERT_MISSING_SECONDS = 30.0
+
+
+def _preconvert(r: _Round, attempt: int, all_running: bool) -> None:
+    """While the whole gang runs: collect a finished pre-conversion Job, and start the next one
+    when one is due (:func:`relaunch.preconvert.due`), one at a time per job.
+
+    ``status.preconversion`` says what the newest Job was asked and answered;
+    ``status.preconverted`` lists the pre-conversions ready on disk (from the Job's report). A
+    recovery needs none of this: its plan finds a finished destination by itself and resumes
+    from it (the recovery's ``preconverted`` says so)."""
+    spec, st = r.spec, r.status
+    elastic = spec.elastic
+    if elastic is None or not elastic.preconvert.enabled:
+        return
+    state = dict(st.get("preconversion") or {})
+    if state.get("state") == "Running" and not _collect_preconversion(r, state):
+        return
+    if st.get("phase") != RUNNING or not all_running:
+        return
+    settings = elastic.preconvert
+    workers = int(st.get("workers") or spec.replicas)
+    target = preconvert.target_workers(
+        spec, workers, lambda world: r.planner.factorable(world, r.observed.config_text)
+    )
+    if target is None:
+        return
+    view = r.observed.progress
+    global_step = view.global_step if view is not None and view.attempt == attempt else None
+    every = None
+    if spec.progress is not None:
+        every = spec.progress.save_every_steps or _save_every_steps(r.observed.config_text)
+    decision = preconvert.due(
+        state,
+        attempt=attempt,
+        target=target,
+        global_step=global_step,
+        save_every=every,
+        now=r.now,
+        finished_at=parse_time(state.get("finishedAt")),
+        interval=float(settings.interval_seconds),
+    )
+    if not decision.start:
+        r.wake_in((decision.wake_at or r.now + settings.interval_seconds) - r.now)
+        return
+    run = int(state.get("run") or 0) + 1
+    name = resources.preconvert_job_name(r.ref.name, run)
+    command = preconvert.command(
+        spec,
+        world_size=workers * spec.ranks_per_worker,
+        target_world_size=target * spec.ranks_per_worker,
+        last_conversion=st.get("lastConversion"),
+        termination_log=resources.TERMINATION_LOG,
+    )
+    r.actions.append(
+        Create(
+            resources.build_preconvert_job(r.ref, spec, run, attempt, command, avoid_nodes=_avoided_nodes(r))
+        )
+    )
+    previous = state.get("job")
+    if previous and previous in r.observed.jobs:
+        r.actions.append(DeleteJob(str(previous)))  # finished: its report is in the status
+    saved = decision.saved_step
+    if saved is None and state.get("attempt") == attempt:
+        saved = state.get("savedStep")
+    new: dict[str, Any] = {
+        "run": run,
+        "job": name,
+        "attempt": attempt,
+        "targetWorkers": target,
+        "state": "Running",
+        "startedAt": iso_precise(r.now),
+        "message": f"converting the newest complete checkpoint for {target} workers ahead of need "
+        f"(Job {name}, after {decision.why})",
+    }
+    if saved is not None:
+        new["savedStep"] = int(saved)
+    st["preconversion"] = new
+    r.wake_in(PRECONVERT_POLL_SECONDS)
+
+
+def _collect_preconversion(r: _Round, state: dict[str, Any]) -> bool:
+    """Read the running pre-conversion Job's outcome into the status once it finished (True),
+    else wait for it (False)."""
+    st = r.status
+    name = str(state.get("job"))
+    job = r.observed.jobs.get(name)
+    if job is None:
+        started = parse_time(state.get("startedAt")) or r.now
+        if r.now - started < PRECONVERT_MISSING_SECONDS:
+            r.wake_in(PRECONVERT_POLL_SECONDS)
+            return False
+        outcome, message = "Failed", f"pre-conversion Job {name} is gone before it reported"
+    elif job.succeeded or job.failed:
+        report: preconvert.Report | None = None
+        if job.message:
+            try:
+                report = preconvert.Report.parse(job.message)
+            except ValueError as exc:
+                outcome, message = "Failed", f"pre-conversion Job {name} {exc}"
+        if report is not None:
+            outcome, message = report.state, report.message
+            if job.failed and report.state != "Failed":
+                outcome = "Failed"
+            if report.state != "Failed":
+                st["preconverted"] = [
+                    {**k.to_json(), "workers": k.world_size // r.spec.ranks_per_worker} for k in report.kept
+                ]
+                if not st["preconverted"]:
+                    st.pop("preconverted")
+            if report.step is not None:
+                state["step"] = report.step
+            if report.converted:
+                r.event(
+                    "Normal",
+                    "Preconverted",
+                    f"step {report.step} converted ahead of need for {state.get('targetWorkers')} workers "
+                    f"into {report.destination} ({report.seconds}s, Job {name})",
+                )
+        elif job.message is None or not job.message:
+            outcome = "Failed"
+            message = f"pre-conversion Job {name} " + (
+                job.failure_text("spec.recovery.deadlines.convertingSeconds")
+                if job.failed
+                else "reported nothing"
+            )
+    else:
+        r.wake_in(PRECONVERT_POLL_SECONDS)
+        return False
+    if outcome == "BudgetExceeded" and state.get("message") != message:
+        r.event("Warning", "PreconversionSkipped", message)
+    elif outcome == "Failed":
+        r.event("Warning", "PreconversionFailed", f"{message}; a recovery converts on its own path")
+    state["state"] = outcome
+    state["message"] = message
+    state["finishedAt"] = iso_precise(r.now)
+    st["preconversion"] = state
+    return True
+
+
+def _stop_preconversion(r: _Round, why: str) -> None:
+    """A recovery (or a suspend) needs the disk and the nodes: a pre-conversion still running is
+    deleted. What it wrote is never used: only a published destination counts."""
+    st = r.status
+    state = st.get("preconversion")
+    if not isinstance(state, dict) or state.get("state") != "Running":
+        return
+    name = str(state.get("job"))
+    job = r.observed.jobs.get(name)
+    if job is not None and not (job.succeeded or job.failed):
+        r.actions.append(DeleteJob(name))
+    st["preconversion"] = {
+        **state,
+        "state": "Interrupted",
+        "message": f"pre-conversion Job {name} was stopped: {why}",
+        "finishedAt": iso_precise(r.now),
+    }
