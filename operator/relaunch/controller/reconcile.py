@@ -1792,6 +1792,8 @@ def _complete_recovery(r: _Round, rec: dict[str, Any]) -> None:
     r.completed = entry
     if r.spec.config is not None and r.spec.config.config_map:
         r.wake_in(POLL_SECONDS)
+    if r.spec.elastic is not None and r.spec.elastic.preconvert.enabled:
+        r.wake_in(1.0)  # the new gang's first pre-conversion
 
 
 # ----------------------------------------------------------------------------------------------
