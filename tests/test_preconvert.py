@@ -353,3 +353,32 @@ def test_a_recovery_whose_step_is_not_pre_converted_converts_on_its_path() -> No
     sim.step()
     entry = sim.status["recoveries"][-1]
     assert entry["converted"] is True and "preconverted" not in entry
+
+
+def test_the_job_runs_beside_the_gang_and_says_why_it_waits() -> None:
+    spec_body = make_spec(replicas=4, elastic=elastic())
+    spread = {"matchLabels": {"relaunch.dev/job": "demo", "relaunch.dev/role": "worker"}}
+    node_rule = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
+    spec_body["template"]["spec"]["affinity"] = {
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": spread, "topologyKey": "kubernetes.io/hostname"}
+            ]
+        },
+        "nodeAffinity": node_rule,
+    }
+    spec_body["template"]["spec"]["nodeSelector"] = {"pool": "train"}
+    manifest = resources.build_preconvert_job(REF, parse_spec(spec_body), 1, 1, ["relaunch", "preconvert"])
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["affinity"] == {"nodeAffinity": node_rule}  # no anti-affinity against the workers
+    assert pod["nodeSelector"] == {"pool": "train"}
+    assert pod["restartPolicy"] == "Never" and manifest["spec"]["backoffLimit"] == 0
+
+    sim = running()
+    sim.jobs["demo-preconvert-1"] = HelperJobView(
+        "demo-preconvert-1", pod="demo-preconvert-1-x", unschedulable_message="0/3 nodes are available"
+    )
+    sim.step()
+    state = sim.status["preconversion"]
+    assert state["state"] == "Running" and "waiting: 0/3 nodes are available" in state["message"]
+    assert sim.status["phase"] == "Running"

@@ -390,8 +390,13 @@ def build_preconvert_job(
 ) -> dict[str, Any]:
     """The ``run``-th pre-conversion Job, started while ``attempt`` trains: ``relaunch
     preconvert`` (which lowers its own CPU and I/O priority) on the job's own volumes, with the
-    conversion's resources and deadline."""
-    return _helper_job(
+    conversion's resources and deadline.
+
+    It runs beside the gang, so the template's pod (anti-)affinity, which places workers
+    relative to each other (one per node, say), is left out: it would keep the helper off every
+    node the gang uses. Node selection (nodeSelector, node affinity, tolerations) stays, so it
+    lands where the job's volumes can be mounted."""
+    job = _helper_job(
         ref,
         spec,
         preconvert_job_name(ref.name, run),
@@ -403,3 +408,10 @@ def build_preconvert_job(
         spec.recovery.deadlines.converting_seconds,
         extra_labels={LABEL_PURPOSE: PURPOSE_PRECONVERT},
     )
+    pod_spec = job["spec"]["template"]["spec"]
+    affinity = {k: v for k, v in (pod_spec.get("affinity") or {}).items() if k == "nodeAffinity"}
+    if affinity:
+        pod_spec["affinity"] = affinity
+    else:
+        pod_spec.pop("affinity", None)
+    return job

@@ -1929,6 +1929,15 @@ def _collect_preconversion(r: _Round, state: dict[str, Any]) -> bool:
                 else "reported nothing"
             )
     else:
+        waiting = job.unschedulable_message or (
+            f"{job.waiting_reason}: {job.waiting_message or ''}".rstrip(": ")
+            if job.waiting_reason in NOT_STARTING_REASONS
+            else None
+        )
+        if waiting:
+            # Low priority: it waits for room without holding anything up; the status says why.
+            state["message"] = f"pre-conversion Job {name} is waiting: {waiting}"
+            st["preconversion"] = state
         r.wake_in(PRECONVERT_POLL_SECONDS)
         return False
     if outcome == "BudgetExceeded" and state.get("message") != message:
