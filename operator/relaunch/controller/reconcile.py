@@ -1816,6 +1816,7 @@ def _preconvert(r: _Round, attempt: int, all_running: bool) -> None:
     spec, st = r.spec, r.status
     elastic = spec.elastic
     if elastic is None or not elastic.preconvert.enabled:
+        _stop_preconversion(r, "spec.elastic.preconvert is off")
         return
     state = dict(st.get("preconversion") or {})
     if state.get("state") == "Running" and not _collect_preconversion(r, state):
