@@ -177,6 +177,10 @@ def test_a_half_written_pre_conversion_is_never_used_and_its_leftovers_go(
     with open(part, "r+b") as handle:
         handle.truncate(part.stat().st_size - 1)
     assert recovery_plan(tmp_path, capsys)["action"] == "convert"
+    # The next pre-conversion removes the damaged one (it is relaunch's) and writes it again.
+    again = preconvert(tmp_path, capsys)
+    assert destination in again["removed"] and again["converted"] is True
+    assert recovery_plan(tmp_path, capsys)["action"] == "resume"
 
 
 def test_nothing_to_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -258,11 +258,19 @@ def make_report(args: argparse.Namespace) -> preconvert.Report:
     world = args.target_world_size
     settings_root = _conversion_root(plan, args)
     abandoned = _remove_abandoned(settings_root)
-    kept = [k for k in _read_manifest(settings_root) if convert_lib.is_complete(k.destination) is not None]
     protected = []
     if args.last_conversion:
         with contextlib.suppress(ValueError):
             protected.append(json.loads(args.last_conversion).get("destination"))
+    kept = []
+    for entry in _read_manifest(settings_root):
+        if convert_lib.is_complete(entry.destination) is not None:
+            kept.append(entry)
+        elif entry.destination not in protected and os.path.isdir(entry.destination):
+            # One of ours that is no longer whole (a file lost or cut short): never loaded
+            # (the plan checks the same), so its space is freed.
+            _remove(entry.destination)
+            abandoned.append(entry.destination)
 
     def finish(state: str, message: str, removed: list[str], **fields: Any) -> preconvert.Report:
         _write_manifest(settings_root, kept)
