@@ -71,7 +71,7 @@ def wait_ready_pre_conversion(jobs: Jobs, shared: Path) -> tuple[int, int]:
     def ready() -> tuple[int, int] | None:
         state = jobs.status(JOB).get("preconversion") or {}
         steps = complete_steps(shared, 3)
-        if state.get("state") != "Ready" or not steps or state.get("step") != steps[-1][1]:
+        if state.get("state") != "Ready" or not steps or (state.get("epoch"), state.get("step")) != steps[-1]:
             return None
         return steps[-1] if between_saves(shared) else None
 
@@ -82,8 +82,8 @@ def wait_ready_pre_conversion(jobs: Jobs, shared: Path) -> tuple[int, int]:
 def wait_unconverted_step(jobs: Jobs, shared: Path) -> tuple[int, int]:
     def fresh() -> tuple[int, int] | None:
         steps = complete_steps(shared, 3)
-        converted = {p.get("step") for p in jobs.status(JOB).get("preconverted") or []}
-        if not steps or steps[-1][1] in converted or not between_saves(shared):
+        converted = {(p.get("epoch"), p.get("step")) for p in jobs.status(JOB).get("preconverted") or []}
+        if not steps or steps[-1] in converted or not between_saves(shared):
             return None
         return steps[-1]
 

@@ -91,7 +91,7 @@ def test_a_shrink_resumes_from_the_pre_converted_step_without_a_conversion_job(
     def ready_between_saves() -> tuple[int, int] | None:
         state = jobs.status(name).get("preconversion") or {}
         steps = complete_steps(shared, 3)
-        if state.get("state") != "Ready" or not steps or state.get("step") != steps[-1][1]:
+        if state.get("state") != "Ready" or not steps or (state.get("epoch"), state.get("step")) != steps[-1]:
             return None
         if newest_global_step(shared) % SAVE_EVERY > SAVE_EVERY - 8:
             return None  # too close to the next save
@@ -160,5 +160,5 @@ def test_a_pre_conversion_killed_halfway_is_never_used(
     assert conversion_jobs(jobs, name, entry["attempt"]), jobs.describe(name)
     assert is_complete(destination) is not None  # converted on the recovery path, published whole
     assert not list(root.glob(f"{destination.name}.staging-*"))  # the killed one's leftovers went
-    assert all(p.get("step") != step for p in status.get("preconverted") or [])
+    assert all((p.get("epoch"), p.get("step")) != (epoch, step) for p in status.get("preconverted") or [])
     assert time.time() - started < GRACE * 2 + 90

@@ -224,7 +224,7 @@ def test_a_running_gang_gets_one_low_priority_job_at_a_time_and_the_status_says_
     sim.finish_job("demo-preconvert-1", ready(10))
     sim.step()
     state = sim.status["preconversion"]
-    assert (state["state"], state["step"]) == ("Ready", 10)
+    assert (state["state"], state["step"], state["epoch"]) == ("Ready", 10, 1)
     assert sim.status["preconverted"] == [
         {"destination": DEST, "worldSize": 2, "workers": 2, "bytes": 1000, "step": 10, "epoch": 1}
     ]

@@ -1915,6 +1915,8 @@ def _collect_preconversion(r: _Round, state: dict[str, Any]) -> bool:
                     st.pop("preconverted")
             if report.step is not None:
                 state["step"] = report.step
+            if report.epoch is not None:
+                state["epoch"] = report.epoch
             if report.converted:
                 r.event(
                     "Normal",
