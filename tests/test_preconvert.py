@@ -382,3 +382,25 @@ def test_the_job_runs_beside_the_gang_and_says_why_it_waits() -> None:
     state = sim.status["preconversion"]
     assert state["state"] == "Running" and "waiting: 0/3 nodes are available" in state["message"]
     assert sim.status["phase"] == "Running"
+
+
+def test_a_grow_back_waits_for_the_pre_conversion_of_its_size_then_resumes_from_it() -> None:
+    from test_grow_back import WINDOW, finish_resize, restore, shrunk
+
+    sim = shrunk(elastic={"preconvert": {"enabled": True, "intervalSeconds": 10}})
+    sim.step()  # the shrunk gang's first pre-conversion: for the grow-back size
+    state = sim.status["preconversion"]
+    assert (state["state"], state["targetWorkers"]) == ("Running", 4), state
+    restore(sim, "n3")
+    restore(sim, "n4")
+    sim.step(dt=WINDOW + 1)
+    assert "recovery" not in sim.status
+    assert "waits for the pre-conversion" in sim.status["message"]
+    assert any(e.reason == "GrowBackWaiting" and "pre-conversion" in e.message for e in sim.events)
+    sim.finish_job("demo-preconvert-1", ready(5, world=4))
+    sim.step()  # collected
+    sim.step()
+    rec = sim.status["recovery"]
+    assert (rec["reason"], rec["replicas"]) == ("GrowBack", 4)
+    assert sim.status["preconversion"]["state"] == "Ready"
+    finish_resize(sim, ("n1", "n2", "n3", "n4"))

@@ -1679,6 +1679,19 @@ def _maybe_grow_back(r: _Round, attempt: int, pods: Sequence[PodView], all_runni
         r.wake_in(GROW_BACK_POLL_SECONDS)
         _grow_back_note(r, attempt, f"grow-back to {size} workers is {moment}")
         return False
+    pending = st.get("preconversion") or {}
+    if pending.get("state") == "Running" and pending.get("targetWorkers") == size:
+        # It is converting, for this very size, the newest checkpoint the grow-back would
+        # convert on its path: wait for it rather than throw its work away. Once it finished,
+        # the grow-back goes at the next moment that interrupts no save.
+        r.wake_in(GROW_BACK_POLL_SECONDS)
+        _grow_back_note(
+            r,
+            attempt,
+            f"grow-back to {size} workers waits for the pre-conversion of the newest checkpoint "
+            f"(Job {pending.get('job')})",
+        )
+        return False
     _record_resize(r, "GrowBack", size, len(stable))
     _start_recovery(
         r,
