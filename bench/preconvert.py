@@ -1,6 +1,6 @@
 """Shrink recovery with and without a ready pre-conversion, against a plain same-size restart.
 
-    python bench/preconvert.py [--kubeconfig PATH] [--trials 3] [--grace 4] [--width 512] [--hidden 4096]
+    python bench/preconvert.py [--kubeconfig PATH] [--trials 3] [--grace 10] [--width 1024] [--hidden 4096]
 
 Without ``--kubeconfig`` (or ``$RELAUNCH_TEST_KUBECONFIG``) a cluster is started in a temporary
 directory and stopped at the end. One elastic TrainingJob of 3 demo-trainer workers, one per
@@ -9,13 +9,14 @@ node (minReplicas 2, grow-back after 3 s, spec.progress on), with a model made l
 
 * baseline: a worker is killed (``kill_pod``), and the same-size restart is timed (the recovery's
   own ``seconds.total``: Stopping + Planning + Starting);
-* with pre-conversion (spec.elastic.preconvert on): once the newest complete step is
-  pre-converted, a node is powered off (``lose_node``); the gang fails, cannot be placed on 3
+* with pre-conversion (spec.elastic.preconvert on): once a newest complete step that no earlier
+  trial resumed from is pre-converted, a node is powered off (``lose_node``); the gang fails, cannot be placed on 3
   nodes and shrinks to 2; the Shrink recovery's ``seconds.total`` is timed (it must say
   ``preconverted`` and run no conversion Job), and so is the whole way from the node loss to
   every worker running. The node comes back and the job grows back to 3 before the next trial;
-* without: the same after ``spec.elastic.preconvert.enabled`` is set to false and a new step was
-  saved (so no earlier pre-conversion matches): the Shrink recovery converts on its path.
+* without: the same after ``spec.elastic.preconvert.enabled`` is set to false, each time from a
+  step saved after the last trial (so that no earlier conversion matches): the Shrink recovery
+  converts on its path.
 
 Figures: medians, and the ratios of each shrink to the plain restart. Goal: a shrink with a
 ready pre-conversion within 2x the plain restart.
@@ -47,7 +48,7 @@ from e2e.test_recovery import (
 )
 
 JOB = "bench"
-SAVE_EVERY = 20  # steps between checkpoint saves
+SAVE_EVERY = 10  # steps between checkpoint saves
 STEP_SECONDS = 0.3
 
 
@@ -64,30 +65,46 @@ def step_bytes(shared: Path, ranks: int) -> int:
 
 def between_saves(shared: Path) -> bool:
     """At least a few steps before the next save: a node lost now loses no newer checkpoint."""
-    return 2 <= newest_global_step(shared) % SAVE_EVERY <= SAVE_EVERY - 6
+    return 2 <= newest_global_step(shared) % SAVE_EVERY <= SAVE_EVERY - 5
+
+
+def resumed_steps(jobs: Jobs) -> set[tuple[int, int]]:
+    """(epoch, step) every recovery so far resumed from: each trial uses a step saved after them,
+    so that no trial finds a conversion an earlier one made."""
+    return {
+        (r["fromEpoch"], r["fromStep"])
+        for r in jobs.status(JOB).get("recoveries") or []
+        if r.get("fromStep") is not None and r.get("fromEpoch") is not None
+    }
 
 
 def wait_ready_pre_conversion(jobs: Jobs, shared: Path) -> tuple[int, int]:
+    used = resumed_steps(jobs)
+
     def ready() -> tuple[int, int] | None:
         state = jobs.status(JOB).get("preconversion") or {}
         steps = complete_steps(shared, 3)
-        if state.get("state") != "Ready" or not steps or (state.get("epoch"), state.get("step")) != steps[-1]:
+        if not steps or steps[-1] in used or state.get("state") != "Ready":
+            return None
+        if (state.get("epoch"), state.get("step")) != steps[-1]:
             return None
         return steps[-1] if between_saves(shared) else None
 
-    found: tuple[int, int] = wait(ready, 120, "a ready pre-conversion of the newest step", 0.1)
+    found: tuple[int, int] = wait(ready, 300, "a ready pre-conversion of a new newest step", 0.1)
     return found
 
 
 def wait_unconverted_step(jobs: Jobs, shared: Path) -> tuple[int, int]:
+    used = resumed_steps(jobs)
+
     def fresh() -> tuple[int, int] | None:
         steps = complete_steps(shared, 3)
         converted = {(p.get("epoch"), p.get("step")) for p in jobs.status(JOB).get("preconverted") or []}
-        if not steps or steps[-1] in converted or not between_saves(shared):
+        if not steps or steps[-1] in used | converted or not between_saves(shared):
             return None
         return steps[-1]
 
-    found: tuple[int, int] = wait(fresh, 120, "a newest step that is not pre-converted", 0.1)
+    found: tuple[int, int] = wait(fresh, 300, "a new newest step that is not pre-converted", 0.1)
     return found
 
 
@@ -134,8 +151,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kubeconfig", default=os.environ.get("RELAUNCH_TEST_KUBECONFIG"))
     parser.add_argument("--trials", type=int, default=3, help="trials of each kind")
-    parser.add_argument("--grace", type=int, default=4, help="spec.recovery.nodeLossGraceSeconds")
-    parser.add_argument("--width", type=int, default=512, help="the demo model's input and output size")
+    parser.add_argument(
+        "--grace",
+        type=int,
+        default=10,
+        help="spec.recovery.nodeLossGraceSeconds (long enough that a same-size restart on a loaded "
+        "machine, whose new workers wait a few seconds for the scheduler, never turns into a shrink)",
+    )
+    parser.add_argument("--width", type=int, default=1024, help="the demo model's input and output size")
     parser.add_argument("--hidden", type=int, default=4096, help="the demo model's hidden size")
     args = parser.parse_args()
 
@@ -169,7 +192,12 @@ def main() -> int:
                 "growBackAfterSeconds": 3,
                 "preconvert": {"enabled": True, "intervalSeconds": 1},
             },
-            recovery={"nodeLossGraceSeconds": args.grace, "maxRestarts": 1000},
+            # No quarantine: the trials fail the same nodes on purpose, again and again.
+            recovery={
+                "nodeLossGraceSeconds": args.grace,
+                "maxRestarts": 1000,
+                "quarantine": {"enabled": False},
+            },
             progress={"startupSeconds": 300, "stallSeconds": 120, "checkpointSaveSeconds": 300},
         )
         one_worker_per_node(manifest, JOB)
@@ -214,8 +242,9 @@ def main() -> int:
         if own_dir is not None:
             down(own_dir, quiet=True)
 
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(
-        f"\ncheckpoint: {size / 1e6:.1f} MB per step on disk (3 ranks, data parallel: each holds the "
+        f"checkpoint: {size / 1e6:.1f} MB per step on disk (3 ranks, data parallel: each holds the "
         f"weights and both Adam moments, {size / 3e6:.1f} MB); the conversion writes one copy"
     )
     summarize("plain same-size restart (a worker killed)", baseline)
