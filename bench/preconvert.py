@@ -10,8 +10,8 @@ node (minReplicas 2, grow-back after 3 s, spec.progress on), with a model made l
 * baseline: a worker is killed (``kill_pod``), and the same-size restart is timed (the recovery's
   own ``seconds.total``: Stopping + Planning + Starting);
 * with pre-conversion (spec.elastic.preconvert on): once a newest complete step that no earlier
-  trial resumed from is pre-converted, a node is powered off (``lose_node``); the gang fails, cannot be placed on 3
-  nodes and shrinks to 2; the Shrink recovery's ``seconds.total`` is timed (it must say
+  trial resumed from is pre-converted, a node is powered off (``lose_node``); the gang fails,
+  cannot be placed on 3 nodes and shrinks to 2; the Shrink recovery's ``seconds.total`` is timed (it must say
   ``preconverted`` and run no conversion Job), and so is the whole way from the node loss to
   every worker running. The node comes back and the job grows back to 3 before the next trial;
 * without: the same after ``spec.elastic.preconvert.enabled`` is set to false, each time from a
