@@ -368,10 +368,12 @@ def test_the_job_runs_beside_the_gang_and_says_why_it_waits() -> None:
         "nodeAffinity": node_rule,
     }
     spec_body["template"]["spec"]["nodeSelector"] = {"pool": "train"}
+    spec_body["template"]["spec"]["priorityClassName"] = "training-high"
     manifest = resources.build_preconvert_job(REF, parse_spec(spec_body), 1, 1, ["relaunch", "preconvert"])
     pod = manifest["spec"]["template"]["spec"]
     assert pod["affinity"] == {"nodeAffinity": node_rule}  # no anti-affinity against the workers
     assert pod["nodeSelector"] == {"pool": "train"}
+    assert "priorityClassName" not in pod  # never preempts anyone to run
     assert pod["restartPolicy"] == "Never" and manifest["spec"]["backoffLimit"] == 0
 
     sim = running()

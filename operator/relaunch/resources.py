@@ -394,8 +394,8 @@ def build_preconvert_job(
 
     It runs beside the gang, so the template's pod (anti-)affinity, which places workers
     relative to each other (one per node, say), is left out: it would keep the helper off every
-    node the gang uses. Node selection (nodeSelector, node affinity, tolerations) stays, so it
-    lands where the job's volumes can be mounted."""
+    node the gang uses, and so is its priority class. Node selection (nodeSelector, node
+    affinity, tolerations) stays, so it lands where the job's volumes can be mounted."""
     job = _helper_job(
         ref,
         spec,
@@ -409,6 +409,9 @@ def build_preconvert_job(
         extra_labels={LABEL_PURPOSE: PURPOSE_PRECONVERT},
     )
     pod_spec = job["spec"]["template"]["spec"]
+    # Nor the workers' priority class: a helper that is never needed at once must not preempt
+    # anyone's pods to run; it waits for room at the namespace's default priority.
+    pod_spec.pop("priorityClassName", None)
     affinity = {k: v for k, v in (pod_spec.get("affinity") or {}).items() if k == "nodeAffinity"}
     if affinity:
         pod_spec["affinity"] = affinity
