@@ -1,4 +1,4 @@
-"""The ``relaunch`` command: ``scan``, ``plan``, ``convert`` and ``operator``.
+"""The ``relaunch`` command: ``scan``, ``plan``, ``convert``, ``preconvert`` and ``operator``.
 
 Each sub-command lives in ``relaunch.commands.<name>`` and exposes ``add_parser(subparsers)``
 and ``run(args) -> int``. Bad input ends with exit code 2 and one line on stderr, never a
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from relaunch import __version__
 
 #: Sub-commands in the order ``--help`` lists them.
-COMMANDS = ("scan", "plan", "convert", "operator")
+COMMANDS = ("scan", "plan", "convert", "preconvert", "operator")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

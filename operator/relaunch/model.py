@@ -190,6 +190,27 @@ class NodeHealth:
 DEFAULT_GROW_BACK_AFTER_SECONDS = 300
 
 
+#: spec.elastic.preconvert.intervalSeconds unless set: how often a running job looks for a new
+#: checkpoint save in its step lines (spec.progress with a known save interval), or else starts a
+#: pre-conversion Job that finds out itself.
+DEFAULT_PRECONVERT_INTERVAL_SECONDS = 120
+
+
+@dataclass(frozen=True)
+class PreconvertSpec:
+    """Conversion ahead of need (spec.elastic.preconvert): while the gang runs, a low-priority
+    helper Job converts each new complete checkpoint for the size the job would resize to next."""
+
+    enabled: bool = False
+    #: How many pre-conversions are kept (the newest ones): 1 or 2.
+    keep: int = 1
+    #: Bytes the kept pre-conversions may take on the checkpoint volume (None: no limit).
+    budget_bytes: int | None = None
+    #: Bytes per second the pre-conversion may write (None: no bound beyond its idle I/O priority).
+    max_write_bytes_per_second: int | None = None
+    interval_seconds: int = DEFAULT_PRECONVERT_INTERVAL_SECONDS
+
+
 @dataclass(frozen=True)
 class ElasticSpec:
     min_replicas: int
@@ -197,6 +218,11 @@ class ElasticSpec:
     #: After a shrink, how long enough nodes must have been Ready before the job grows back
     #: towards spec.replicas; 0 switches grow-back off (the job stays at its shrunk size).
     grow_back_after_seconds: int = DEFAULT_GROW_BACK_AFTER_SECONDS
+    preconvert: PreconvertSpec = field(default_factory=PreconvertSpec)
+
+    def sizes(self, replicas: int) -> tuple[int, ...]:
+        """The worker counts the job may run at: validSizes, else every size from minReplicas."""
+        return self.valid_sizes or tuple(range(self.min_replicas, replicas + 1))
 
 
 #: Resources of the planning and conversion pods unless spec.helpers says otherwise. Requests
@@ -427,6 +453,7 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingJobSpec:
                 "spec.elastic.growBackAfterSeconds",
                 minimum=0,
             ),
+            preconvert=_preconvert(_map(el.get("preconvert"), "spec.elastic.preconvert"), checkpoint),
         )
 
     progress: ProgressSpec | None = None
@@ -501,6 +528,48 @@ def _rule(value: Any, path: str) -> FailureRule:
     if not (codes or reasons or pattern):
         raise SpecError(f"{path} matches every failure: give exitCodes, reasons or logPattern")
     return FailureRule(action, codes, reasons, pattern)
+
+
+def _preconvert(pc: Mapping[str, Any], checkpoint: CheckpointSpec) -> PreconvertSpec:
+    path = "spec.elastic.preconvert"
+    enabled = pc.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise SpecError(f"{path}.enabled must be true or false, found {enabled!r}")
+    keep = _int(pc.get("keep", 1), f"{path}.keep", minimum=1)
+    if keep > 2:
+        raise SpecError(f"{path}.keep must be 1 or 2 (the newest pre-conversions kept), found {keep}")
+    budget = pc.get("budgetBytes")
+    rate = pc.get("maxWriteBytesPerSecond")
+    spec = PreconvertSpec(
+        enabled=enabled,
+        keep=keep,
+        budget_bytes=_int(budget, f"{path}.budgetBytes", minimum=1) if budget is not None else None,
+        max_write_bytes_per_second=(
+            _int(rate, f"{path}.maxWriteBytesPerSecond", minimum=1) if rate is not None else None
+        ),
+        interval_seconds=_int(
+            pc.get("intervalSeconds", DEFAULT_PRECONVERT_INTERVAL_SECONDS),
+            f"{path}.intervalSeconds",
+            minimum=1,
+        ),
+    )
+    if enabled:
+        if not checkpoint.strategy_dir:
+            raise SpecError(
+                f"{path}.enabled needs spec.checkpoint.strategyDir: a conversion reads the source strategy "
+                "files; set it, or turn pre-conversion off"
+            )
+        if checkpoint.format != "safetensors":
+            raise SpecError(
+                f"{path}.enabled needs spec.checkpoint.format safetensors (relaunch converts safetensors "
+                f"only), found {checkpoint.format!r}"
+            )
+        if checkpoint.resume != "Latest":
+            raise SpecError(
+                f"{path}.enabled needs spec.checkpoint.resume Latest: pre-conversion prepares the newest "
+                f"complete step, which a pinned step or unified weights ({checkpoint.resume!r}) never load"
+            )
+    return spec
 
 
 def _quarantine(q: Mapping[str, Any]) -> Quarantine | None:

@@ -1,9 +1,10 @@
 """Manifests of everything the operator creates, as plain dicts (pure: no I/O).
 
 Names are deterministic (``<job>-<attempt>-<index>``, ``<job>-config-<attempt>``,
-``<job>-plan-<attempt>``, ``<job>-convert-<attempt>``), so a create repeated after an operator
-restart meets "already exists" instead of making a duplicate. Every object carries the job's
-labels and an owner reference, so deleting the TrainingJob garbage-collects all of it.
+``<job>-plan-<attempt>``, ``<job>-convert-<attempt>``, ``<job>-preconvert-<run>``), so a create
+repeated after an operator restart meets "already exists" instead of making a duplicate. Every
+object carries the job's labels and an owner reference, so deleting the TrainingJob
+garbage-collects all of it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ LABEL_ROLE = "relaunch.dev/role"
 ROLE_WORKER = "worker"
 ROLE_PLAN = "plan"
 ROLE_CONVERT = "convert"
+#: A conversion ahead of need (spec.elastic.preconvert) is a conversion Job (role convert) that
+#: also carries this label.
+LABEL_PURPOSE = "relaunch.dev/purpose"
+PURPOSE_PRECONVERT = "preconvert"
 
 #: Rendezvous ports (MindSpore's scheduler; torch-style master). Fixed, because every worker
 #: must agree on them without talking to each other first.
@@ -68,6 +73,10 @@ def plan_job_name(job: str, attempt: int, try_: int = 1) -> str:
 
 def convert_job_name(job: str, attempt: int, try_: int = 1) -> str:
     return f"{job}-convert-{attempt}" + (f"-{try_}" if try_ > 1 else "")
+
+
+def preconvert_job_name(job: str, run: int) -> str:
+    return f"{job}-preconvert-{run}"
 
 
 def job_labels(job: str) -> dict[str, str]:
@@ -279,13 +288,14 @@ def _helper_job(
     avoid_nodes: Sequence[str],
     resources: Mapping[str, Any],
     deadline_seconds: int,
+    extra_labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A planning or conversion Job. Its deadline is the pod's ``activeDeadlineSeconds``, which
     counts from the pod's start on a node: a pod that waits to be scheduled is not killed for it
     (the operator reports why it waits instead), one that hangs while running is."""
     tpl_spec: Mapping[str, Any] = spec.template.get("spec") or {}
     first = (tpl_spec.get("containers") or [{}])[0]
-    labels = {LABEL_ROLE: role, LABEL_ATTEMPT: str(attempt)}
+    labels = {LABEL_ROLE: role, LABEL_ATTEMPT: str(attempt), **(extra_labels or {})}
     pod_spec: dict[str, Any] = {k: copy.deepcopy(tpl_spec[k]) for k in _HELPER_POD_FIELDS if k in tpl_spec}
     pod_spec.update(
         {
@@ -367,3 +377,44 @@ def build_convert_job(
         spec.helpers.conversion_resources,
         spec.recovery.deadlines.converting_seconds,
     )
+
+
+def build_preconvert_job(
+    ref: JobRef,
+    spec: TrainingJobSpec,
+    run: int,
+    attempt: int,
+    command: Sequence[str],
+    *,
+    avoid_nodes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The ``run``-th pre-conversion Job, started while ``attempt`` trains: ``relaunch
+    preconvert`` (which lowers its own CPU and I/O priority) on the job's own volumes, with the
+    conversion's resources and deadline.
+
+    It runs beside the gang, so the template's pod (anti-)affinity, which places workers
+    relative to each other (one per node, say), is left out: it would keep the helper off every
+    node the gang uses, and so is its priority class. Node selection (nodeSelector, node
+    affinity, tolerations) stays, so it lands where the job's volumes can be mounted."""
+    job = _helper_job(
+        ref,
+        spec,
+        preconvert_job_name(ref.name, run),
+        ROLE_CONVERT,
+        attempt,
+        command,
+        avoid_nodes,
+        spec.helpers.conversion_resources,
+        spec.recovery.deadlines.converting_seconds,
+        extra_labels={LABEL_PURPOSE: PURPOSE_PRECONVERT},
+    )
+    pod_spec = job["spec"]["template"]["spec"]
+    # Nor the workers' priority class: a helper that is never needed at once must not preempt
+    # anyone's pods to run; it waits for room at the namespace's default priority.
+    pod_spec.pop("priorityClassName", None)
+    affinity = {k: v for k, v in (pod_spec.get("affinity") or {}).items() if k == "nodeAffinity"}
+    if affinity:
+        pod_spec["affinity"] = affinity
+    else:
+        pod_spec.pop("affinity", None)
+    return job

@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from relaunch import convert, strategy
@@ -249,9 +250,17 @@ def _write_termination_log(path: str, event: dict[str, Any]) -> None:
         handle.write(json.dumps(event, separators=(",", ":"))[:4000])
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _run(args: argparse.Namespace, observe: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the conversion ``args`` ask for; ``observe`` also sees every progress event (a
+    pre-conversion bounds its write rate through it)."""
     as_json = args.json or not sys.stderr.isatty()
-    printer = ProgressPrinter(as_json)
+    shown = ProgressPrinter(as_json)
+
+    def printer(event: dict[str, Any]) -> None:
+        shown(event)
+        if observe is not None:
+            observe(event)
+
     if args.workers < 1:
         raise convert.ConversionError("--workers must be at least 1")
     args.src_files = None

@@ -58,12 +58,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, cast
 
 from relaunch import config as config_mod
-from relaunch import resources
+from relaunch import preconvert, resources
 from relaunch.controller.status import (
     CheckpointRef,
     Condition,
     JobStatus,
     LastFailure,
+    Preconversion,
+    Preconverted,
     Progress,
     QuarantinedNode,
     Recovery,
@@ -685,6 +687,7 @@ def _active(r: _Round) -> None:
     rec = st.get("recovery")
     if rec is None:
         return
+    _stop_preconversion(r, f"the {rec['reason']} recovery started")
     if r.observed.foreign:
         _remove_predecessor_leftovers(r)
         return
@@ -708,6 +711,7 @@ def _suspend(r: _Round) -> None:
     rec = st.get("recovery")
     interrupted = f"; the {rec['reason']} recovery was interrupted in its {rec['stage']} stage" if rec else ""
     _record_superseded(r, "Suspended")
+    _stop_preconversion(r, "the job was suspended")
     for job in sorted(r.observed.jobs.values(), key=lambda j: j.name):
         if not (job.succeeded or job.failed):
             r.actions.append(DeleteJob(job.name))
@@ -850,6 +854,7 @@ def _watch_running(r: _Round, attempt: int) -> None:
         st["phase"] = RUNNING
         st["message"] = f"{running} workers running (attempt {attempt})"
         r.condition("Ready", True, "AllWorkersRunning", st["message"])
+    _preconvert(r, attempt, running == expected)
 
 
 def _unhealthy_worker(r: _Round, pods: Sequence[PodView]) -> Failure | None:
@@ -1462,6 +1467,10 @@ def _starting(r: _Round, rec: Recovery) -> bool:
             r.actions.append(
                 Create(resources.build_worker_pod(r.ref, spec, target, index, replicas, avoid_nodes=avoid))
             )
+        if outcome.action == "resume" and outcome.conversion_record:
+            # The plan resumes from a finished conversion (made ahead of need, or by an earlier
+            # try): later plans need its record as much as after a conversion Job.
+            st["lastConversion"] = outcome.conversion_record
         st["attempt"] = target
         st["workers"] = replicas
         st["replicasRequested"] = int(rec.get("requested") or spec.replicas)
@@ -1684,6 +1693,19 @@ def _maybe_grow_back(r: _Round, attempt: int, pods: Sequence[PodView], all_runni
         r.wake_in(GROW_BACK_POLL_SECONDS)
         _grow_back_note(r, attempt, f"grow-back to {size} workers is {moment}")
         return False
+    pending = st.get("preconversion") or {}
+    if pending.get("state") == "Running" and pending.get("targetWorkers") == size:
+        # It is converting, for this very size, the newest checkpoint the grow-back would
+        # convert on its path: wait for it rather than throw its work away. Once it finished,
+        # the grow-back goes at the next moment that interrupts no save.
+        r.wake_in(GROW_BACK_POLL_SECONDS)
+        _grow_back_note(
+            r,
+            attempt,
+            f"grow-back to {size} workers waits for the pre-conversion of the newest checkpoint "
+            f"(Job {pending.get('job')})",
+        )
+        return False
     _record_resize(r, "GrowBack", size, len(stable))
     _start_recovery(
         r,
@@ -1772,6 +1794,10 @@ def _complete_recovery(r: _Round, rec: Recovery) -> None:
         entry["fromStep"] = outcome.step
         if outcome.epoch is not None:
             entry["fromEpoch"] = outcome.epoch
+    if outcome is not None and preconvert.used_preconversion(
+        outcome.conversion_record, st.get("preconverted") or []
+    ):
+        entry["preconverted"] = True  # resumed from a conversion made ahead of need
     st["recoveries"] = ([*list(st.get("recoveries") or []), entry])[-HISTORY_LIMIT:]
     st.pop("recovery", None)
     st["runningSince"] = iso_precise(r.now)
@@ -1793,3 +1819,183 @@ def _complete_recovery(r: _Round, rec: Recovery) -> None:
     r.completed = entry
     if r.spec.config is not None and r.spec.config.config_map:
         r.wake_in(POLL_SECONDS)
+    if r.spec.elastic is not None and r.spec.elastic.preconvert.enabled:
+        r.wake_in(1.0)  # the new gang's first pre-conversion
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion ahead of need (spec.elastic.preconvert)
+
+#: While a pre-conversion Job runs, look at it this often.
+PRECONVERT_POLL_SECONDS = 5.0
+#: A pre-conversion Job not listed this long after it was created is taken as gone.
+PRECONVERT_MISSING_SECONDS = 30.0
+
+
+def _preconvert(r: _Round, attempt: int, all_running: bool) -> None:
+    """While the whole gang runs: collect a finished pre-conversion Job, and start the next one
+    when one is due (:func:`relaunch.preconvert.due`), one at a time per job.
+
+    ``status.preconversion`` says what the newest Job was asked and answered;
+    ``status.preconverted`` lists the pre-conversions ready on disk (from the Job's report). A
+    recovery needs none of this: its plan finds a finished destination by itself and resumes
+    from it (the recovery's ``preconverted`` says so)."""
+    spec, st = r.spec, r.status
+    elastic = spec.elastic
+    if elastic is None or not elastic.preconvert.enabled:
+        _stop_preconversion(r, "spec.elastic.preconvert is off")
+        return
+    state = Preconversion(**(st.get("preconversion") or {}))
+    if state.get("state") == "Running" and not _collect_preconversion(r, state):
+        return
+    if st.get("phase") != RUNNING or not all_running:
+        return
+    settings = elastic.preconvert
+    workers = int(st.get("workers") or spec.replicas)
+    target = preconvert.target_workers(
+        spec, workers, lambda world: r.planner.factorable(world, r.observed.config_text)
+    )
+    if target is None:
+        return
+    view = r.observed.progress
+    global_step = view.global_step if view is not None and view.attempt == attempt else None
+    every = None
+    if spec.progress is not None:
+        every = spec.progress.save_every_steps or _save_every_steps(r.observed.config_text)
+    decision = preconvert.due(
+        state,
+        attempt=attempt,
+        target=target,
+        global_step=global_step,
+        save_every=every,
+        now=r.now,
+        finished_at=parse_time(state.get("finishedAt")),
+        interval=float(settings.interval_seconds),
+    )
+    if not decision.start:
+        r.wake_in((decision.wake_at or r.now + settings.interval_seconds) - r.now)
+        return
+    run = int(state.get("run") or 0) + 1
+    name = resources.preconvert_job_name(r.ref.name, run)
+    command = preconvert.command(
+        spec,
+        world_size=workers * spec.ranks_per_worker,
+        target_world_size=target * spec.ranks_per_worker,
+        last_conversion=st.get("lastConversion"),
+        termination_log=resources.TERMINATION_LOG,
+    )
+    r.actions.append(
+        Create(
+            resources.build_preconvert_job(r.ref, spec, run, attempt, command, avoid_nodes=_avoided_nodes(r))
+        )
+    )
+    previous = state.get("job")
+    if previous and previous in r.observed.jobs:
+        r.actions.append(DeleteJob(str(previous)))  # finished: its report is in the status
+    saved = decision.saved_step
+    if saved is None and state.get("attempt") == attempt:
+        saved = state.get("savedStep")
+    new: Preconversion = {
+        "run": run,
+        "job": name,
+        "attempt": attempt,
+        "targetWorkers": target,
+        "state": "Running",
+        "startedAt": iso_precise(r.now),
+        "message": f"converting the newest complete checkpoint for {target} workers ahead of need "
+        f"(Job {name}, after {decision.why})",
+    }
+    if saved is not None:
+        new["savedStep"] = int(saved)
+    st["preconversion"] = new
+    r.wake_in(PRECONVERT_POLL_SECONDS)
+
+
+def _collect_preconversion(r: _Round, state: Preconversion) -> bool:
+    """Read the running pre-conversion Job's outcome into the status once it finished (True),
+    else wait for it (False)."""
+    st = r.status
+    name = str(state.get("job"))
+    job = r.observed.jobs.get(name)
+    if job is None:
+        started = parse_time(state.get("startedAt")) or r.now
+        if r.now - started < PRECONVERT_MISSING_SECONDS:
+            r.wake_in(PRECONVERT_POLL_SECONDS)
+            return False
+        outcome, message = "Failed", f"pre-conversion Job {name} is gone before it reported"
+    elif job.succeeded or job.failed:
+        report: preconvert.Report | None = None
+        if job.message:
+            try:
+                report = preconvert.Report.parse(job.message)
+            except ValueError as exc:
+                outcome, message = "Failed", f"pre-conversion Job {name} {exc}"
+        if report is not None:
+            outcome, message = report.state, report.message
+            if job.failed and report.state != "Failed":
+                outcome = "Failed"
+            if report.state != "Failed":
+                st["preconverted"] = [
+                    cast(Preconverted, {**k.to_json(), "workers": k.world_size // r.spec.ranks_per_worker})
+                    for k in report.kept
+                ]
+                if not st["preconverted"]:
+                    st.pop("preconverted")
+            if report.step is not None:
+                state["step"] = report.step
+            if report.epoch is not None:
+                state["epoch"] = report.epoch
+            if report.converted:
+                r.event(
+                    "Normal",
+                    "Preconverted",
+                    f"step {report.step} converted ahead of need for {state.get('targetWorkers')} workers "
+                    f"into {report.destination} ({report.seconds}s, Job {name})",
+                )
+        elif job.message is None or not job.message:
+            outcome = "Failed"
+            message = f"pre-conversion Job {name} " + (
+                job.failure_text("spec.recovery.deadlines.convertingSeconds")
+                if job.failed
+                else "reported nothing"
+            )
+    else:
+        waiting = job.unschedulable_message or (
+            f"{job.waiting_reason}: {job.waiting_message or ''}".rstrip(": ")
+            if job.waiting_reason in NOT_STARTING_REASONS
+            else None
+        )
+        if waiting:
+            # Low priority: it waits for room without holding anything up; the status says why.
+            state["message"] = f"pre-conversion Job {name} is waiting: {waiting}"
+            st["preconversion"] = state
+        r.wake_in(PRECONVERT_POLL_SECONDS)
+        return False
+    if outcome == "BudgetExceeded" and state.get("message") != message:
+        r.event("Warning", "PreconversionSkipped", message)
+    elif outcome == "Failed":
+        r.event("Warning", "PreconversionFailed", f"{message}; a recovery converts on its own path")
+    state["state"] = outcome
+    state["message"] = message
+    state["finishedAt"] = iso_precise(r.now)
+    st["preconversion"] = state
+    return True
+
+
+def _stop_preconversion(r: _Round, why: str) -> None:
+    """A recovery (or a suspend) needs the disk and the nodes: a pre-conversion still running is
+    deleted. What it wrote is never used: only a published destination counts."""
+    st = r.status
+    state = st.get("preconversion")
+    if not isinstance(state, dict) or state.get("state") != "Running":
+        return
+    name = str(state.get("job"))
+    job = r.observed.jobs.get(name)
+    if job is not None and not (job.succeeded or job.failed):
+        r.actions.append(DeleteJob(name))
+    st["preconversion"] = {
+        **state,
+        "state": "Interrupted",
+        "message": f"pre-conversion Job {name} was stopped: {why}",
+        "finishedAt": iso_precise(r.now),
+    }

@@ -106,8 +106,36 @@ class RecoveryRecord(TypedDict, total=False):
     fromStep: int
     fromEpoch: int | None
     converted: bool
+    preconverted: bool
     counted: bool
     seconds: dict[str, float]
+
+
+class Preconversion(TypedDict, total=False):
+    """The newest conversion ahead of need (spec.elastic.preconvert) and its state."""
+
+    run: int
+    job: str
+    attempt: int
+    targetWorkers: int
+    state: str
+    step: int | None
+    epoch: int | None
+    savedStep: int | None
+    message: str
+    startedAt: str
+    finishedAt: str | None
+
+
+class Preconverted(TypedDict, total=False):
+    """A conversion made ahead of need that is ready on disk."""
+
+    step: int
+    epoch: int | None
+    workers: int
+    worldSize: int
+    destination: str
+    bytes: int
 
 
 class JobStatus(TypedDict, total=False):
@@ -135,6 +163,8 @@ class JobStatus(TypedDict, total=False):
     recovery: Recovery | None
     recoveries: list[RecoveryRecord]
     conditions: list[Condition]
+    preconversion: Preconversion
+    preconverted: list[Preconverted]
 
 
 def as_status(value: Any) -> JobStatus:
