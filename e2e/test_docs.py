@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ def readme_blocks() -> list[tuple[int, str]]:
             j = start
             while lines[j].strip() != "```":
                 j += 1
-            blocks.append((start + 1, "\n".join(lines[start:j]) + "\n"))
+            # a block inside a list item is indented with it
+            blocks.append((start + 1, textwrap.dedent("\n".join(lines[start:j]) + "\n")))
             i = j
         i += 1
     return blocks

@@ -78,12 +78,18 @@ class Kueue:
 
 def _crds(source: Path, webhook_url: str, ca_bundle: str) -> list[dict[str, Any]]:
     """Kueue's CRDs; those Kueue converts between API versions get the conversion webhook at
-    ``webhook_url`` (Kueue's own kustomize patches name which, with a Service we replace by a URL)."""
-    bases = source / "config" / "components" / "crd" / "bases"
-    patches = source / "config" / "components" / "crd" / "patches"
+    ``webhook_url`` (the patches Kueue's own kustomization applies name which, with a Service we
+    replace by a URL)."""
+    crd_dir = source / "config" / "components" / "crd"
+    bases = crd_dir / "bases"
+    # the patches Kueue's kustomization applies (some in patches/ are left out: their kinds have no
+    # conversion in this version)
+    kustomization = yaml.safe_load((crd_dir / "kustomization.yaml").read_text())
     converted = set()
-    for patch in patches.glob("webhook_in_*.yaml"):
-        doc = yaml.safe_load(patch.read_text())
+    for entry in kustomization.get("patches") or []:
+        if not str(entry.get("path", "")).startswith("patches/webhook_in_"):
+            continue
+        doc = yaml.safe_load((crd_dir / entry["path"]).read_text())
         if ((doc.get("spec") or {}).get("conversion") or {}).get("strategy") == "Webhook":
             converted.add(doc["metadata"]["name"])
     crds = []
