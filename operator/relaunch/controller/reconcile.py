@@ -12,6 +12,7 @@ Life of a job::
                                                       \\--> Failed (permanent exit code, restarts
                                                            exhausted, plan/convert/config failed)
     any phase but Succeeded/Failed --spec.suspend--> Suspended --cleared--> recovery "Resumed"
+    any phase but Succeeded/Failed --Kueue: not admitted, evicted--> Queued --admitted--> recovery "Resumed"
 
 Recovery reasons: a failure (``WorkerFailed``, ``OOMKilled``, ``Evicted``, ``PodDeleted``,
 ``NodeLost``; counted as a restart, with backoff) or a controlled restart, never counted:
@@ -22,7 +23,12 @@ incremental training), ``Shrink`` (elastic: workers unschedulable for the grace 
 ``Resumed`` (``spec.suspend`` was cleared: resume from the newest complete checkpoint, converting
 when ``spec.replicas`` changed meanwhile).
 
-``spec.suspend`` (set by the user, or by a queue such as Kueue to admit and preempt) is obeyed
+A job labelled with a Kueue queue (:mod:`relaunch.controller.kueue`) is held the same way while
+its Workload is not admitted or has been evicted (phase Queued, the Admitted condition in Kueue's
+words, supersededBy Preempted/Evicted/WaitingForAdmission), and after each round the Workload is
+kept in step: created, finished, deactivated, replaced, or its quota given back once the gang stopped.
+
+``spec.suspend`` (set by the user, or by a queue that drives jobs through it) is obeyed
 in the round that first sees it, whatever the job is doing: every worker is deleted gracefully
 (SIGTERM and the pods' grace period), unfinished planning and conversion Jobs are deleted (an
 interrupted conversion leaves an incomplete destination, which later plans never load), and an
