@@ -131,11 +131,14 @@ def test_a_second_job_waits_for_the_quota_and_runs_when_the_first_finishes(
     jobs: Jobs,
     api: Kube,
     operator: OperatorProcess,
+    node_agent: Any,
     wait_for: WaitFor,
     tmp_path: Path,
 ) -> None:
-    config = trainer_config(data_parallel=4, step_delay_seconds=0.2)
-    jobs.create(queued_job("first", folder(tmp_path, "first"), config))
+    """...and the first, when a worker dies, recovers within its quota: the second waits on."""
+    config = trainer_config(data_parallel=4, step_delay_seconds=0.3)
+    first_dir = folder(tmp_path, "first")
+    jobs.create(queued_job("first", first_dir, config))
     wait_running(jobs, wait_for, "first", 1, 90)
     status = jobs.status("first")
     assert condition(status, "Admitted")["status"] == "True", status
@@ -158,7 +161,15 @@ def test_a_second_job_waits_for_the_quota_and_runs_when_the_first_finishes(
     assert jobs.pods("second") == [] and jobs.jobs("second") == []
     assert "Queued" in kubectl_get_tj(cluster, jobs.namespace, "second")
 
-    # While the first runs, the second keeps waiting without a pod.
+    # A worker of the first dies: it recovers with the quota it holds, the second keeps waiting.
+    reserved = workload_condition(workload(api, jobs.namespace, "first"), "QuotaReserved")
+    wait_for(lambda: (1, 5) in complete_steps(first_dir, 4), 60, "step 5 saved on all 4 ranks")
+    node_agent.kill_pod(jobs.namespace, "first-1-1")
+    status = wait_running(jobs, wait_for, "first", 2, 90)
+    assert status["restarts"] == 1 and status["recoveries"][-1]["reason"] == "WorkerFailed"
+    assert workload_condition(workload(api, jobs.namespace, "first"), "QuotaReserved") == reserved
+    assert jobs.status("second")["phase"] == "Queued" and jobs.pods("second") == []
+
     wait_phase(jobs, wait_for, "first", "Succeeded", 180)
     first_wl = workload(api, jobs.namespace, "first")
     assert workload_condition(first_wl, "Finished")["reason"] == "Succeeded", first_wl.get("status")
