@@ -243,3 +243,43 @@ def test_a_preempted_job_resumes_from_its_newest_complete_step_with_no_restart_c
         g: e["loss_hex"] for g, e in reference_curve_4.items()
     }
     assert min(g for g, e in curve.items() if e["attempt"] == 2) == resumed + 1
+
+
+def test_a_preemption_during_planning_interrupts_it_and_the_job_starts_later(
+    queue: str,
+    jobs: Jobs,
+    api: Kube,
+    operator: OperatorProcess,
+    node_agent: Any,
+    wait_for: WaitFor,
+    tmp_path: Path,
+) -> None:
+    """Kueue preempts at a moment of its own choosing: here the low job's planning pod is held (a
+    slow volume mount) when the high job arrives. The planning Job goes, the interrupted start is in
+    the history, nothing is counted; the quota goes to the high job, and the low one starts later."""
+    selector = "relaunch.dev/job=low,relaunch.dev/role=plan"
+    node_agent.hold_pods(jobs.namespace, selector)
+    fast = trainer_config(data_parallel=4, step_delay_seconds=0.05)
+    jobs.create(queued_job("low", folder(tmp_path, "low"), fast, "relaunch-e2e-low"))
+    wait_for(
+        lambda: (jobs.status("low").get("recovery") or {}).get("stage") == "Planning" and jobs.jobs("low"),
+        60,
+        lambda: f"low admitted and planning:\n{jobs.describe('low')}",
+    )
+    jobs.create(queued_job("high", folder(tmp_path, "high"), fast, "relaunch-e2e-high"))
+    status = wait_for(
+        lambda: (s := jobs.status("low")).get("phase") == "Queued" and not jobs.jobs("low") and s,
+        30,
+        lambda: f"low preempted during planning, its Job deleted:\n{jobs.describe('low')}",
+    )
+    assert condition(status, "Admitted")["reason"] == "Preempted"
+    entry = status["recoveries"][-1]
+    assert (entry["reason"], entry["supersededBy"]) == ("Created", "Preempted"), entry
+    assert status.get("restarts", 0) == 0 and "recovery" not in status
+
+    node_agent.release_pods(jobs.namespace, selector)
+    wait_phase(jobs, wait_for, "high", "Succeeded", 120)
+    status = wait_phase(jobs, wait_for, "low", "Succeeded", 150)
+    assert status.get("restarts", 0) == 0
+    assert [e["reason"] for e in status["recoveries"]] == ["Created", "Created"]
+    assert sorted(loss_curve(tmp_path / "low")) == list(range(1, 31))
