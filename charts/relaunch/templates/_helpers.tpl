@@ -117,11 +117,6 @@ operator lists and watches them to notice a NotReady or deleted node within the 
 {{- end -}}
 
 {{/*
-Node heartbeats: the kubelet renews a Lease per node in kube-node-lease; the operator lists and
-watches them to see a silent node before its Ready condition changes. A Role in that one namespace,
-never leases cluster-wide (other leases are controllers' leader elections).
-*/}}
-{{/*
 Priority classes are cluster-scoped: a queued job's Workload carries the value of its Kueue
 WorkloadPriorityClass (label kueue.x-k8s.io/priority-class) or of its template's PriorityClass,
 read (get) once, when the Workload is created.
@@ -135,6 +130,11 @@ read (get) once, when the Workload is created.
   verbs: ["get"]
 {{- end -}}
 
+{{/*
+Node heartbeats: the kubelet renews a Lease per node in kube-node-lease; the operator lists and
+watches them to see a silent node before its Ready condition changes. A Role in that one namespace,
+never leases cluster-wide (other leases are controllers' leader elections).
+*/}}
 {{- define "relaunch.nodeLeaseRules" -}}
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
