@@ -11,13 +11,18 @@ complete step and finishes with the loss curve of an uninterrupted run.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from e2e.demo import CHART, helm, kubectl, set_flags
+from e2e.test_chart import token_kubeconfig
 from e2e.test_recovery import (  # the fixtures are shared with the recovery scenarios
+    LOGS,
     Jobs,
     OperatorProcess,
     WaitFor,
@@ -36,7 +41,7 @@ from e2e.test_recovery import (  # the fixtures are shared with the recovery sce
     wait_running,
 )
 from e2e.test_suspend import kubectl_get_tj
-from relaunch.controller.kube import Kube
+from relaunch.controller.kube import Kube, trainingjob_path
 
 KUEUE = "/apis/kueue.x-k8s.io/v1beta2"
 FLAVOR = "relaunch-e2e-cpu"
@@ -93,6 +98,33 @@ def reference_curve_4(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dic
     directory = tmp_path_factory.mktemp("reference4")
     run_trainer_locally(directory, trainer_config(data_parallel=4), world=4)
     return loss_curve(directory)
+
+
+@pytest.fixture
+def chart_operator(cluster: Any, namespace: str, api: Kube, tmp_path: Path) -> Iterator[OperatorProcess]:
+    """The operator as the chart's ServiceAccount, with exactly the RBAC the chart grants for this
+    namespace (``watch.mode=namespaces``): what it needs of Workloads is granted, nothing more."""
+    release = f"rl{uuid.uuid4().hex[:6]}"
+    values = {
+        "watch.mode": "namespaces",
+        "watch.namespaces": f"{{{namespace}}}",
+        "leaderElection.enabled": "false",
+    }
+    rendered = helm(cluster, "template", release, str(CHART), "-n", namespace, *set_flags(values)).stdout
+    kinds = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+    docs = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] in kinds]
+    manifest = yaml.safe_dump_all(docs)
+    kubectl(cluster, "apply", "-f", "-", stdin=manifest)  # each object names its namespace
+    account = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
+    kubeconfig = token_kubeconfig(cluster, namespace, account, tmp_path / "sa.kubeconfig")
+    proc = OperatorProcess(kubeconfig, namespace, LOGS / "operator" / f"{namespace}.log")
+    proc.start()
+    yield proc
+    for job in api.list(trainingjob_path(namespace)):
+        api.delete(trainingjob_path(namespace, job["metadata"]["name"]))
+    proc.stop()
+    kubectl(cluster, "delete", "--ignore-not-found", "-f", "-", stdin=manifest, check=False)
+    print(f"--- operator log ({proc.log_path}) ---\n{proc.log_tail()}")
 
 
 def queued_job(name: str, shared: Path, config: str, priority: str | None = None) -> dict[str, Any]:
@@ -249,14 +281,15 @@ def test_a_preemption_during_planning_interrupts_it_and_the_job_starts_later(
     queue: str,
     jobs: Jobs,
     api: Kube,
-    operator: OperatorProcess,
+    chart_operator: OperatorProcess,
     node_agent: Any,
     wait_for: WaitFor,
     tmp_path: Path,
 ) -> None:
     """Kueue preempts at a moment of its own choosing: here the low job's planning pod is held (a
     slow volume mount) when the high job arrives. The planning Job goes, the interrupted start is in
-    the history, nothing is counted; the quota goes to the high job, and the low one starts later."""
+    the history, nothing is counted; the quota goes to the high job, and the low one starts later.
+    The operator runs as the chart's ServiceAccount: its RBAC is enough for all of it."""
     selector = "relaunch.dev/job=low,relaunch.dev/role=plan"
     node_agent.hold_pods(jobs.namespace, selector)
     fast = trainer_config(data_parallel=4, step_delay_seconds=0.05)
