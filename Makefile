@@ -33,6 +33,7 @@ unit-min: binaries
 
 binaries:
 	bash e2e/cluster/build.sh
+	bash e2e/cluster/build-kueue.sh
 
 e2e: venv binaries
 	$(BIN)/pytest -q e2e

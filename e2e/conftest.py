@@ -11,6 +11,9 @@
   test lost nodes are restored, holds released and paused pods resumed.
 * ``e2e.cluster.control.evict_pod(kube, ns, name)``: the real Eviction API (not the agent).
 * ``wait_for(predicate, timeout, describe)``: polls until truthy, fails with a readable message.
+* ``kueue`` (session, opt-in): Kueue (built from its Go module, see e2e/cluster/kueue.py) running
+  next to the control plane, its CRDs and webhooks installed; started the first time a test asks
+  for it, so tests that do not queue jobs never pay for it.
 
 When a test fails, the tails of the component logs and of the test namespace's pod logs are
 added to its report.
@@ -133,6 +136,17 @@ def node_agent(cluster: Cluster) -> Iterator[AgentControl]:
             agent.resume_pod(namespace, name)
 
 
+@pytest.fixture(scope="session")
+def kueue(cluster: Cluster, kube: Any) -> Iterator[Any]:
+    from e2e.cluster import kueue as kueue_cluster
+    from e2e.cluster.control import stop_pids
+    from relaunch.controller.kube import Kube
+
+    started = kueue_cluster.start(cluster, Kube(kube))
+    yield started
+    stop_pids({"kueue": started.pid}, cluster.state_dir, 10.0)
+
+
 @pytest.fixture(name="wait_for")
 def wait_for_fixture() -> Callable[..., Any]:
     return wait_for
@@ -140,7 +154,9 @@ def wait_for_fixture() -> Callable[..., Any]:
 
 def _testbed_logs(cluster: Cluster, namespace: str | None) -> str:
     parts = []
-    for component in ("node-agent", "kube-controller-manager", "kube-scheduler", "kube-apiserver"):
+    for component in ("node-agent", "kube-controller-manager", "kube-scheduler", "kube-apiserver", "kueue"):
+        if component not in cluster.pids and component == "kueue":
+            continue
         parts.append(f"--- {component} (tail) ---\n{cluster.log_tail(component, 30)}")
     if namespace:
         root = cluster.state_dir / "pods" / namespace

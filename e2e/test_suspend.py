@@ -1,5 +1,6 @@
-"""spec.suspend on the local cluster, driven the way a queue (Kueue) drives it: a merge patch of
-``spec.suspend`` to admit a job and to preempt it, at any moment.
+"""spec.suspend on the local cluster, driven the way a queue that drives jobs through it would: a
+merge patch of ``spec.suspend`` to admit a job and to preempt it, at any moment (Kueue itself goes
+through the job's Workload instead: e2e/test_kueue.py).
 
 A job created suspended creates no pod until it is admitted; a running job that is suspended
 stops its workers gracefully (SIGTERM, the pods' grace period), shows Suspended and counts no

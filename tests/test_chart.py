@@ -33,10 +33,17 @@ NAMESPACED_RULES = {
     ("", "configmaps"): {"get", "list", "watch", "create", "delete"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
     ("", "events"): {"get", "create", "patch"},
+    ("kueue.x-k8s.io", "workloads"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("kueue.x-k8s.io", "workloads/status"): {"patch"},
 }
 NODE_RULES = {("", "nodes"): {"list", "watch"}}
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"list", "watch"}}
 LEADER_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
+#: Cluster-scoped, read when a queued job's Workload is created (its priority).
+PRIORITY_RULES = {
+    ("kueue.x-k8s.io", "workloadpriorityclasses"): {"get"},
+    ("scheduling.k8s.io", "priorityclasses"): {"get"},
+}
 
 
 def helm_binary() -> str:
@@ -177,7 +184,7 @@ def test_cluster_mode_grants_exactly_the_operator_rules_cluster_wide() -> None:
     docs = render()
     assert_node_lease_role(docs)
     (role,) = by_kind(docs, "ClusterRole")
-    assert rule_table(role["rules"]) == NAMESPACED_RULES | NODE_RULES
+    assert rule_table(role["rules"]) == NAMESPACED_RULES | NODE_RULES | PRIORITY_RULES
     (binding,) = by_kind(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
@@ -198,7 +205,7 @@ def test_namespaces_mode_grants_roles_per_namespace_and_only_nodes_cluster_wide(
     for binding in bindings:
         assert binding["subjects"][0]["namespace"] == "relaunch-system"
     (cluster_role,) = by_kind(docs, "ClusterRole")
-    assert rule_table(cluster_role["rules"]) == NODE_RULES
+    assert rule_table(cluster_role["rules"]) == NODE_RULES | PRIORITY_RULES
     args = container(docs)["args"]
     assert "--all-namespaces" not in args
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
@@ -311,6 +318,8 @@ def resources_the_operator_calls() -> set[tuple[str, str]]:
         "{PLURAL}": "trainingjobs",
         "GROUP": "relaunch.dev",
         "PLURAL": "trainingjobs",
+        "{kueue.GROUP}": "kueue.x-k8s.io",
+        "kueue.GROUP": "kueue.x-k8s.io",
     }
     found: set[tuple[str, str]] = set()
     for source in sorted((ROOT / "operator" / "relaunch" / "controller").glob("*.py")):
@@ -324,6 +333,8 @@ def resources_the_operator_calls() -> set[tuple[str, str]]:
                 found.add((group, names.get(rest[0], rest[0])))
         if '+ "/status"' in text:
             found.add(("relaunch.dev", "trainingjobs/status"))
+        if 'path += "/status"' in text and "Workload" in text:
+            found.add(("kueue.x-k8s.io", "workloads/status"))
         if '+ "/log"' in text:
             found.add(("", "pods/log"))
         for args in re.findall(r"@kopf\.(?:on\.\w+|daemon|timer|index)\(([^)]*)\)", text):
@@ -340,7 +351,7 @@ def test_rbac_covers_exactly_the_resources_the_operator_code_calls() -> None:
     # catches a resource added to the operator but not to the chart, or granted but never used.
     called = resources_the_operator_calls()
     assert ("", "pods") in called and ("relaunch.dev", "trainingjobs") in called  # the scan works
-    granted = set(NAMESPACED_RULES) | set(NODE_RULES) | set(LEASE_RULES)
+    granted = set(NAMESPACED_RULES) | set(NODE_RULES) | set(LEASE_RULES) | set(PRIORITY_RULES)
     assert called == granted, (
         f"called but not granted: {called - granted}; granted but unused: {granted - called}"
     )

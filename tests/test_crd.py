@@ -123,6 +123,7 @@ def test_phase_enum_matches_the_state_machine(crd: dict[str, Any]) -> None:
         reconcile.RECOVERING,
         reconcile.CONVERTING,
         reconcile.SUSPENDED,
+        reconcile.QUEUED,
         reconcile.SUCCEEDED,
         reconcile.FAILED,
     }

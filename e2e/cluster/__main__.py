@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     up_parser = sub.add_parser("up", help="start etcd, the control plane and the node agent")
     up_parser.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     up_parser.add_argument("--bin", type=Path, default=None, help="binaries directory (default: build.sh's)")
+    up_parser.add_argument(
+        "--kueue", action="store_true",
+        help="also start Kueue (built by build-kueue.sh), configured for TrainingJobs (e2e/cluster/kueue.py)",
+    )  # fmt: skip
     sub.add_parser("down", help="stop every process of the cluster")
     sub.add_parser("status", help="print the cluster's processes, ports and nodes as JSON")
     args = parser.parse_args(argv)
@@ -29,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
             start = time.monotonic()
             try:
                 cluster = up(args.dir, nodes=args.nodes, bin_dir=args.bin)
+                if args.kueue:
+                    from e2e.cluster import kueue
+                    from relaunch.controller.kube import Kube
+
+                    client = cluster.api_client()
+                    kueue.start(cluster, Kube(client))
+                    client.close()
             except AlreadyRunning:
                 raise
             except BaseException:

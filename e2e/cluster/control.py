@@ -50,7 +50,8 @@ DEFAULT_STATE_DIR = Path.home() / ".cache" / "relaunch" / "cluster"
 POD_MARKER_ENV = "RELAUNCH_TESTBED_CLUSTER"
 # Kept short for tests; the operator must never rely on it (a default cluster uses 50 s).
 NODE_MONITOR_GRACE_PERIOD = "15s"
-STOP_ORDER = ("node-agent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
+# kueue (e2e/cluster/kueue.py) runs only when a test asked for it
+STOP_ORDER = ("kueue", "node-agent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 
 T = TypeVar("T")
 

@@ -66,6 +66,12 @@ is one the operator's code (relaunch.controller) or kopf makes:
   TTL controller.
 - Events: posted on the TrainingJob for each step of a recovery; a repeat of the same Event
   increments its count (get, patch) instead of posting a copy.
+- Kueue Workloads (only for jobs labelled kueue.x-k8s.io/queue-name): one per job, created and
+  read (get); watched (list, watch) so that Kueue's admission and eviction wake the job at once;
+  patched to deactivate it while spec.suspend is set; deleted to queue the job again after
+  spec.replicas changed or after it finished and was edited to continue. Their status is patched
+  as Kueue expects of a job integration: quota given back once an evicted job stopped, and
+  Finished when the job ends.
 */}}
 {{- define "relaunch.namespacedRules" -}}
 - apiGroups: ["relaunch.dev"]
@@ -92,6 +98,12 @@ is one the operator's code (relaunch.controller) or kopf makes:
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["get", "create", "patch"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads/status"]
+  verbs: ["patch"]
 {{- end -}}
 
 {{/*
@@ -102,6 +114,20 @@ operator lists and watches them to notice a NotReady or deleted node within the 
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["list", "watch"]
+{{- end -}}
+
+{{/*
+Priority classes are cluster-scoped: a queued job's Workload carries the value of its Kueue
+WorkloadPriorityClass (label kueue.x-k8s.io/priority-class) or of its template's PriorityClass,
+read (get) once, when the Workload is created.
+*/}}
+{{- define "relaunch.priorityClassRules" -}}
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloadpriorityclasses"]
+  verbs: ["get"]
+- apiGroups: ["scheduling.k8s.io"]
+  resources: ["priorityclasses"]
+  verbs: ["get"]
 {{- end -}}
 
 {{/*

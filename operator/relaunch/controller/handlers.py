@@ -30,7 +30,7 @@ from typing import Any, cast
 import kopf
 
 from relaunch import resources
-from relaunch.controller import metrics
+from relaunch.controller import kueue, metrics
 from relaunch.controller.cache import ConfigMaps, Owned, index_key
 from relaunch.controller.events import EventRecorder
 from relaunch.controller.jobio import ActionFailed, JobIO
@@ -190,6 +190,7 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     # Filter pods and Jobs on the server: only ours reach the operator, not every pod of the cluster.
     settings.watching.label_selectors["pods"] = resources.LABEL_JOB
     settings.watching.label_selectors["batch", "jobs"] = resources.LABEL_JOB
+    settings.watching.label_selectors[kueue.GROUP, "workloads"] = resources.LABEL_JOB
     # No CRD/namespace scanning: it would need cluster-wide read access to CRDs and namespaces.
     settings.scanning.disabled = True
     # Events: the job loops post their own (counted, see events.py), one per step; kopf's own per-handler
@@ -262,6 +263,13 @@ def _raw(body: kopf.Body) -> dict[str, Any]:
 @kopf.on.event("pods", labels={resources.LABEL_JOB: kopf.PRESENT})
 @kopf.on.event("batch", "v1", "jobs", labels={resources.LABEL_JOB: kopf.PRESENT})
 async def owned_object_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    RUNTIME.loops.wake(namespace or "", labels.get(resources.LABEL_JOB) or "")
+
+
+# Kueue's decisions about a queued job (admitted, evicted) arrive as changes of its Workload. Without
+# Kueue's CRDs kopf only warns that the resource cannot be served, and queued jobs poll instead.
+@kopf.on.event(kueue.GROUP, kueue.VERSION, "workloads", labels={resources.LABEL_JOB: kopf.PRESENT})
+async def workload_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
     RUNTIME.loops.wake(namespace or "", labels.get(resources.LABEL_JOB) or "")
 
 
@@ -341,7 +349,9 @@ def run_round(
         spec = exc
     status = body.get("status") or {}
     nodes = RUNTIME.nodes.snapshot() if RUNTIME.nodes is not None else None
-    observed = io.observe(spec if not isinstance(spec, SpecError) else None, nodes, pods, jobs)
+    observed = io.observe(
+        spec if not isinstance(spec, SpecError) else None, nodes, pods, jobs, meta.get("labels")
+    )
     if RUNTIME.progress is not None:
         observed = replace(observed, progress=follow_progress(RUNTIME.progress, io, spec, status, observed))
     ref = resources.JobRef(io.name, io.namespace, uid)

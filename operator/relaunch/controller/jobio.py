@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from relaunch import resources
+from relaunch.controller import kueue
 from relaunch.controller.cache import ConfigMaps, Owned
 from relaunch.controller.kube import (
     Kube,
@@ -48,6 +49,10 @@ class ActionFailed(Exception):
         self.error = error
         if isinstance(action, Create):
             verb, kind, name = "create", action.manifest["kind"], action.manifest["metadata"]["name"]
+        elif isinstance(action, kueue.PatchWorkload):
+            verb, kind, name = "patch", "Workload", action.name
+        elif isinstance(action, kueue.DeleteWorkload):
+            verb, kind, name = "delete", "Workload", action.name
         else:
             verb, kind, name = "delete", "Pod" if isinstance(action, DeletePod) else "Job", action.name
         self.problem = ApiProblem(verb, kind, name, error.status, error.message, error.retry_after)
@@ -90,6 +95,7 @@ class JobIO:
         nodes: Mapping[str, NodeView] | None,
         pods: list[dict[str, Any]],
         helper_jobs: list[dict[str, Any]],
+        labels: Mapping[str, str] | None = None,
     ) -> Observed:
         workers = []
         helpers = []
@@ -122,7 +128,35 @@ class JobIO:
             config_text=config_text,
             config_error=config_error,
             foreign=tuple(foreign),
+            queue=self._queue(spec, labels),
         )
+
+    def _queue(
+        self, spec: TrainingJobSpec | None, labels: Mapping[str, str] | None
+    ) -> kueue.QueueView | None:
+        """The job's Kueue Workload (one GET: Kueue's decisions must be current), when the job is
+        labelled with a queue name; the value of its priority class only while the Workload is
+        still to be created."""
+        queue_name, priority_class, kind = kueue.queue_of(labels, spec.template if spec else None)
+        if not queue_name or spec is None:
+            return None
+        name = kueue.workload_name(self.name, self.uid)
+        found = self.kube.get(f"{collection_path('Workload', self.namespace)}/{quote(name, safe='')}")
+        if found is not None and not (self.uid and owner_uid(found) != self.uid):  # not a namesake's
+            return kueue.QueueView(queue_name, name, kueue.workload_view(found), priority_class, kind)
+        priority, error = None, None
+        if priority_class:
+            path = (
+                f"/apis/{kueue.GROUP}/{kueue.VERSION}/workloadpriorityclasses"
+                if kind == "WorkloadPriorityClass"
+                else "/apis/scheduling.k8s.io/v1/priorityclasses"
+            )
+            cls = self.kube.get(f"{path}/{quote(priority_class, safe='')}")
+            if cls is None:
+                error = f"{kind} {priority_class} does not exist"
+            else:
+                priority = int(cls.get("value") or 0)
+        return kueue.QueueView(queue_name, name, None, priority_class, kind, priority, error)
 
     def _config_text(self, spec: TrainingJobSpec | None) -> tuple[str | None, str | None]:
         if spec is None or spec.config is None:
@@ -189,6 +223,15 @@ class JobIO:
                 self.owned.deleted("Pod", self.namespace, action.name)
         elif isinstance(action, DeleteJob):
             self.delete("Job", action.name)
+        elif isinstance(action, kueue.DeleteWorkload):
+            self.delete("Workload", action.name)
+        elif isinstance(action, kueue.PatchWorkload):
+            path = f"{collection_path('Workload', self.namespace)}/{quote(action.name, safe='')}"
+            path += "/status" if action.status else ""
+            done = self.kube.merge_patch_if_unchanged(path, action.patch)
+            log.debug(
+                "Workload %s (%s): %s", action.name, action.why, "patched" if done else "changed meanwhile"
+            )
 
     def patch_status(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
         """Write the status change; the TrainingJob as the server returned it (None: no change)."""

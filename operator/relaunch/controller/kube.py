@@ -27,7 +27,7 @@ from urllib.parse import quote
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from relaunch.controller import metrics
+from relaunch.controller import kueue, metrics
 from relaunch.model import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,13 @@ class Kube:
         status, payload = self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
         return self._ok("PATCH", path, status, payload)
 
+    def merge_patch_if_unchanged(self, path: str, patch: Mapping[str, Any]) -> bool:
+        """A merge patch that carries the ``metadata.resourceVersion`` it was computed from: False when
+        the object changed meanwhile (409) or is gone (404), and the caller decides again."""
+        status, payload = self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+        self._ok("PATCH", path, status, payload, tolerate=(404, 409))
+        return 200 <= status < 300
+
     def merge_patch_or_none(self, path: str, patch: Mapping[str, Any]) -> Any:
         """A merge patch; None when the object is gone (404)."""
         status, payload = self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
@@ -296,6 +303,7 @@ _COLLECTIONS = {
     "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
     "Event": "/api/v1/namespaces/{ns}/events",
+    "Workload": f"/apis/{kueue.GROUP}/{kueue.VERSION}/namespaces/{{ns}}/workloads",
 }
 
 

@@ -12,6 +12,7 @@ Life of a job::
                                                       \\--> Failed (permanent exit code, restarts
                                                            exhausted, plan/convert/config failed)
     any phase but Succeeded/Failed --spec.suspend--> Suspended --cleared--> recovery "Resumed"
+    any phase but Succeeded/Failed --Kueue: not admitted, evicted--> Queued --admitted--> recovery "Resumed"
 
 Recovery reasons: a failure (``WorkerFailed``, ``OOMKilled``, ``Evicted``, ``PodDeleted``,
 ``NodeLost``; counted as a restart, with backoff) or a controlled restart, never counted:
@@ -22,7 +23,12 @@ incremental training), ``Shrink`` (elastic: workers unschedulable for the grace 
 ``Resumed`` (``spec.suspend`` was cleared: resume from the newest complete checkpoint, converting
 when ``spec.replicas`` changed meanwhile).
 
-``spec.suspend`` (set by the user, or by a queue such as Kueue to admit and preempt) is obeyed
+A job labelled with a Kueue queue (:mod:`relaunch.controller.kueue`) is held the same way while
+its Workload is not admitted or has been evicted (phase Queued, the Admitted condition in Kueue's
+words, supersededBy Preempted/Evicted/WaitingForAdmission), and after each round the Workload is
+kept in step: created, finished, deactivated, replaced, or its quota given back once the gang stopped.
+
+``spec.suspend`` (set by the user, or by a queue that drives jobs through it) is obeyed
 in the round that first sees it, whatever the job is doing: every worker is deleted gracefully
 (SIGTERM and the pods' grace period), unfinished planning and conversion Jobs are deleted (an
 interrupted conversion leaves an incomplete destination, which later plans never load), and an
@@ -59,6 +65,7 @@ from typing import Any, Literal, Protocol, cast
 
 from relaunch import config as config_mod
 from relaunch import preconvert, resources
+from relaunch.controller import kueue
 from relaunch.controller.status import (
     CheckpointRef,
     Condition,
@@ -79,12 +86,13 @@ IDLE_REQUEUE_SECONDS = 30.0
 #: While waiting for something the watches may miss (a ConfigMap edit), look this often.
 POLL_SECONDS = 10.0
 
-PENDING, RUNNING, RECOVERING, CONVERTING, SUSPENDED, SUCCEEDED, FAILED = (
+PENDING, RUNNING, RECOVERING, CONVERTING, SUSPENDED, QUEUED, SUCCEEDED, FAILED = (
     "Pending",
     "Running",
     "Recovering",
     "Converting",
     "Suspended",
+    "Queued",
     "Succeeded",
     "Failed",
 )
@@ -217,6 +225,8 @@ class Observed:
     foreign: tuple[ForeignObject, ...] = ()
     #: The newest step of the current attempt (None: no step line seen yet, or no watchdog).
     progress: ProgressView | None = None
+    #: The job's Kueue queue and Workload (None: the job carries no queue-name label).
+    queue: kueue.QueueView | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +258,7 @@ class Event:
     message: str
 
 
-Action = Create | DeletePod | DeleteJob
+Action = Create | DeletePod | DeleteJob | kueue.PatchWorkload | kueue.DeleteWorkload
 
 
 @dataclass
@@ -649,6 +659,7 @@ def reconcile(
         _finished(r)
     else:
         _active(r)
+    _sync_workload(r)
     return Result(r.actions, r.status, r.events, r.requeue, r.completed, r.conversion_report)
 
 
@@ -666,7 +677,11 @@ def _active(r: _Round) -> None:
     if r.spec.suspend:
         _suspend(r)
         return
-    if st.get("phase") == SUSPENDED:
+    held = kueue.hold(r.observed.queue, r.spec.replicas, finished=False)
+    if held is not None:
+        _queue_hold(r, held)
+        return
+    if st.get("phase") in (SUSPENDED, QUEUED):
         _resume(r)
     attempt = int(st.get("attempt") or 0)
     rec = st.get("recovery")
@@ -698,20 +713,17 @@ def _active(r: _Round) -> None:
     _advance_recovery(r)
 
 
-def _suspend(r: _Round) -> None:
-    """spec.suspend is true: stop whatever runs, at once and without counting anything.
-
-    Workers are deleted gracefully (force only on a lost node, which would never confirm);
-    helper Jobs that have not finished are deleted with their pods; a recovery in progress is
-    recorded as superseded by ``Suspended`` and dropped, backoff included. The status keeps
-    the last attempt's size, so that resuming knows what the newest checkpoint was written by.
-    """
+def _stop_all(r: _Round, superseded_by: str, why: str) -> tuple[int, str]:
+    """Stop whatever runs, at once and without counting anything: workers are deleted gracefully
+    (force only on a lost node, which would never confirm), helper Jobs that have not finished
+    are deleted with their pods, and a recovery in progress is recorded as superseded and
+    dropped, backoff included. The status keeps the last attempt's size, so that resuming knows
+    what the newest checkpoint was written by. Returns the workers left and what was interrupted."""
     st = r.status
-    entering = st.get("phase") != SUSPENDED
     rec = st.get("recovery")
     interrupted = f"; the {rec['reason']} recovery was interrupted in its {rec['stage']} stage" if rec else ""
-    _record_superseded(r, "Suspended")
-    _stop_preconversion(r, "the job was suspended")
+    _record_superseded(r, superseded_by)
+    _stop_preconversion(r, why)
     for job in sorted(r.observed.jobs.values(), key=lambda j: j.name):
         if not (job.succeeded or job.failed):
             r.actions.append(DeleteJob(job.name))
@@ -722,19 +734,29 @@ def _suspend(r: _Round) -> None:
         elif not pod.deleting:
             r.actions.append(DeletePod(pod.name))
     left = len(r.observed.pods)
-    st["phase"] = SUSPENDED
     st["readyWorkers"] = 0
     st.pop("runningSince", None)
     st.pop("progress", None)
+    for type_ in ("Recovering", "Converting"):
+        if any(c.get("type") == type_ and c.get("status") == "True" for c in st.get("conditions") or []):
+            r.condition(type_, False, superseded_by, why)
+    _clear_stalled(r, superseded_by.lower())
+    if left:
+        r.wake_in(2.0)
+    return left, interrupted
+
+
+def _suspend(r: _Round) -> None:
+    """spec.suspend is true: stop whatever runs (:func:`_stop_all`)."""
+    st = r.status
+    entering = st.get("phase") != SUSPENDED
+    left, interrupted = _stop_all(r, "Suspended", "spec.suspend is true")
+    st["phase"] = SUSPENDED
     st["message"] = "suspended (spec.suspend is true): " + (
         f"stopping {left} workers gracefully" if left else "no worker runs until spec.suspend is cleared"
     )
     r.condition("Suspended", True, "Suspended", st["message"])
     r.condition("Ready", False, "Suspended", st["message"])
-    for type_ in ("Recovering", "Converting"):
-        if any(c.get("type") == type_ and c.get("status") == "True" for c in st.get("conditions") or []):
-            r.condition(type_, False, "Suspended", "spec.suspend is true")
-    _clear_stalled(r, "suspended")
     if entering:
         workers = f"stopping {left} workers gracefully" if left else "no worker to stop"
         r.event(
@@ -742,15 +764,40 @@ def _suspend(r: _Round) -> None:
             "Suspended",
             f"spec.suspend is true: {workers}{interrupted}; not counted as a restart",
         )
-    if left:
-        r.wake_in(2.0)
+
+
+def _queue_hold(r: _Round, held: kueue.Hold) -> None:
+    """Kueue has not admitted the job's Workload, or evicted it: the job is held as a suspended
+    one is (:func:`_stop_all`), in phase Queued, with Kueue's words in the Admitted condition."""
+    st = r.status
+    entering = st.get("phase") != QUEUED
+    was_admitted = any(
+        c.get("type") == "Admitted" and c.get("status") == "True" for c in st.get("conditions") or []
+    )
+    if st.get("phase") == SUSPENDED:
+        r.condition("Suspended", False, "Resumed", "spec.suspend was cleared; waiting for admission by Kueue")
+    left, interrupted = _stop_all(r, held.reason, held.message)
+    st["phase"] = QUEUED
+    st["message"] = held.message + (
+        f"; stopping {left} workers gracefully" if left else "; no worker runs until Kueue admits the job"
+    )
+    old = next((c for c in st.get("conditions") or [] if c.get("type") == "Admitted"), None)
+    r.condition("Admitted", False, held.reason, held.message)
+    r.condition("Ready", False, held.reason, st["message"])
+    if entering or was_admitted or (old or {}).get("reason") != held.reason:
+        counted = "; not counted as a restart" if held.reason != kueue.WAITING else ""
+        workers = f"stopping {left} workers gracefully; " if left else ""
+        r.event("Normal", held.reason, f"{workers}{held.message}{interrupted}{counted}")
+    # Kueue's decisions arrive through the Workload watch; this is the safety net without one.
+    r.wake_in(POLL_SECONDS)
 
 
 def _resume(r: _Round) -> None:
-    """spec.suspend was cleared: a job that ran before resumes from the newest complete
-    checkpoint (a controlled restart, converted when spec.replicas changed meanwhile); one that
-    never started starts as a new job would."""
+    """spec.suspend was cleared, or Kueue admitted the job: a job that ran before resumes from
+    the newest complete checkpoint (a controlled restart, converted when spec.replicas changed
+    meanwhile); one that never started starts as a new job would."""
     st, spec = r.status, r.spec
+    queued = st.get("phase") == QUEUED
     attempt = int(st.get("attempt") or 0)
     workers = int(st.get("workers") or 0)
     requested = int(st.get("replicasRequested") or workers)
@@ -760,13 +807,61 @@ def _resume(r: _Round) -> None:
     elif attempt and workers and workers != spec.replicas:
         note = f" (the last gang had {workers}: an elastic shrink)"
     what = "resuming" if attempt else "starting"
-    message = f"spec.suspend was cleared: {what} with {spec.replicas} workers{note}"
-    r.condition("Suspended", False, "Resumed", message)
-    r.event("Normal", "Resumed", message)
+    if queued and r.observed.queue is not None:
+        message = f"{kueue.admitted_words(r.observed.queue)}: {what} with {spec.replicas} workers{note}"
+        r.condition("Admitted", True, "Admitted", message)
+        r.event("Normal", "Admitted", message)
+    else:
+        message = f"spec.suspend was cleared: {what} with {spec.replicas} workers{note}"
+        r.condition("Suspended", False, "Resumed", message)
+        r.event("Normal", "Resumed", message)
     if attempt == 0:
         st["phase"] = PENDING  # the Created recovery starts below, as for a new job
         return
     _start_recovery(r, "Resumed", f"{message}, from the newest complete checkpoint", counted=False)
+
+
+def _sync_workload(r: _Round) -> None:
+    """Keep the Kueue Workload in step with the job as this round leaves it (see
+    :func:`relaunch.controller.kueue.workload_actions`)."""
+    queue = r.observed.queue
+    if queue is None:
+        return
+    st = r.status
+    stopped = not r.observed.pods and all(j.succeeded or j.failed for j in r.observed.jobs.values())
+    actions = kueue.workload_actions(
+        r.ref,
+        r.spec.template,
+        r.spec.replicas,
+        r.spec.suspend,
+        queue,
+        phase=st.get("phase"),
+        stopped=stopped,
+        finish_message=str(st.get("message") or ""),
+        now=r.now,
+    )
+    for action in actions:
+        if isinstance(action, dict):
+            r.actions.append(Create(action))
+            r.event(
+                "Normal",
+                "WorkloadCreated",
+                f"Workload {queue.workload_name} queued in LocalQueue {queue.queue_name} "
+                f"for {r.spec.replicas} workers",
+            )
+        else:
+            r.actions.append(action)
+            if isinstance(action, kueue.DeleteWorkload):
+                r.event("Normal", "WorkloadReplaced", f"Workload {action.name} deleted: {action.why}")
+            elif action.why == "evicted and stopped":
+                r.event(
+                    "Normal",
+                    "QuotaReleased",
+                    f"every worker stopped: the quota of Workload {action.name} "
+                    "is given back to Kueue, which queues it again",
+                )
+    if actions:
+        r.wake_in(2.0)
 
 
 def _remove_predecessor_leftovers(r: _Round) -> None:
