@@ -127,7 +127,7 @@ def test_startup_configures_kopf_and_filters_watches_on_the_server(
 
     async def start_and_stop() -> None:
         # kopf hands the startup handler its indices (the pods and Jobs of every job) by name.
-        await handlers.configure(settings=settings, relaunch_pods={}, relaunch_jobs={})
+        await handlers.configure(settings=settings, relaunch_pods={}, relaunch_jobs={}, relaunch_workloads={})
         assert handlers.RUNTIME.owned.ready
         deadline = time.monotonic() + 10
         while not any(seen["path"] == "/api/v1/nodes" for seen in api_server.seen):

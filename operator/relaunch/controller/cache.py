@@ -1,7 +1,7 @@
 """What the job loops read instead of the API: the pods and helper Jobs of every TrainingJob and
 the ConfigMaps they name, kept current by watches, with the operator's own writes laid over them.
 
-Pods and Jobs come from kopf's watches, through two kopf indices keyed by (namespace, job name)
+Pods, Jobs and Kueue Workloads come from kopf's watches, through kopf indices keyed by (namespace, job name)
 (:mod:`relaunch.controller.handlers` declares them). kopf lists every indexed resource before any
 other handler runs, so no loop starts on a half-listed world after an operator restart. The
 indices are mutated on the event loop's thread: :meth:`Owned.of` reads them there, and the round
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 OVERLAY_SECONDS = 60.0
 
 Key = tuple[str, str]
+#: What the indices hold for each job: its pods, its helper Jobs, its Kueue Workload.
+KINDS = ("Pod", "Job", "Workload")
 
 
 def index_key(namespace: str | None, labels: Mapping[str, str]) -> Key:
@@ -72,11 +74,12 @@ class Owned:
 
     @property
     def ready(self) -> bool:
-        return {"Pod", "Job"} <= set(self.indices)
+        return set(KINDS) <= set(self.indices)
 
-    def of(self, namespace: str, job: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The job's pods and Jobs as the operator knows them now. Call on the event loop's thread."""
-        return self._kind("Pod", namespace, job), self._kind("Job", namespace, job)
+    def of(self, namespace: str, job: str) -> dict[str, list[dict[str, Any]]]:
+        """The job's pods, Jobs and Kueue Workloads as the operator knows them now, by kind.
+        Call on the event loop's thread."""
+        return {kind: self._kind(kind, namespace, job) for kind in KINDS}
 
     def _kind(self, kind: str, namespace: str, job: str) -> list[dict[str, Any]]:
         watched: dict[str, dict[str, Any]] = {}
@@ -110,8 +113,8 @@ class Owned:
         return list(watched.values())
 
     def created(self, kind: str, namespace: str, obj: Mapping[str, Any] | None) -> None:
-        """Record what a create returned (any thread)."""
-        if not obj or kind not in ("Pod", "Job"):
+        """Record what a create (or a patch) returned (any thread)."""
+        if not obj or kind not in KINDS:
             return
         name = (obj.get("metadata") or {}).get("name", "")
         with self._lock:
@@ -120,7 +123,7 @@ class Owned:
 
     def deleted(self, kind: str, namespace: str, name: str) -> None:
         """Record a delete the API server accepted (any thread)."""
-        if kind not in ("Pod", "Job"):
+        if kind not in KINDS:
             return
         with self._lock:
             self._created.pop((kind, namespace, name), None)

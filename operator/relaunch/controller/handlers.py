@@ -94,8 +94,8 @@ async def job_loop(loop: JobLoop) -> None:
         generation = loop.generation
         try:
             # Read on this thread: kopf mutates its indices here.
-            pods, jobs = RUNTIME.owned.of(loop.namespace, loop.name)
-            outcome = await asyncio.to_thread(run_round, io, loop.uid, RUNTIME.events, loop.body, pods, jobs)
+            owned = RUNTIME.owned.of(loop.namespace, loop.name)
+            outcome = await asyncio.to_thread(run_round, io, loop.uid, RUNTIME.events, loop.body, owned)
             if outcome is not None and outcome.body is not None:
                 loop.update(outcome.body)
             if outcome is None:
@@ -201,7 +201,11 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     RUNTIME.settings = settings
     RUNTIME.loop = asyncio.get_running_loop()
     RUNTIME.kube = Kube()
-    RUNTIME.owned.indices = {"Pod": kwargs["relaunch_pods"], "Job": kwargs["relaunch_jobs"]}
+    RUNTIME.owned.indices = {
+        "Pod": kwargs["relaunch_pods"],
+        "Job": kwargs["relaunch_jobs"],
+        "Workload": kwargs["relaunch_workloads"],
+    }
     RUNTIME.configmaps = ConfigMaps(RUNTIME.kube, on_change=RUNTIME.wake_namespace_threadsafe)
     RUNTIME.events = EventRecorder(RUNTIME.kube)
     RUNTIME.progress = ProgressTracker(RUNTIME.kube.stream)
@@ -266,11 +270,17 @@ async def owned_object_changed(namespace: str | None, labels: kopf.Labels, **_: 
     RUNTIME.loops.wake(namespace or "", labels.get(resources.LABEL_JOB) or "")
 
 
-# Kueue's decisions about a queued job (admitted, evicted) arrive as changes of its Workload. Without
-# Kueue's CRDs kopf only warns that the resource cannot be served, and queued jobs poll instead.
+# Kueue's decisions about a queued job (admitted, evicted) arrive as changes of its Workload: kept
+# in an index like the pods and Jobs, and waking the job's loop. Without Kueue's CRDs kopf only
+# warns that the resource cannot be served, and the index stays empty.
 @kopf.on.event(kueue.GROUP, kueue.VERSION, "workloads", labels={resources.LABEL_JOB: kopf.PRESENT})
 async def workload_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
     RUNTIME.loops.wake(namespace or "", labels.get(resources.LABEL_JOB) or "")
+
+
+@kopf.index(kueue.GROUP, kueue.VERSION, "workloads", labels={resources.LABEL_JOB: kopf.PRESENT})
+def relaunch_workloads(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return {index_key(namespace, labels): _raw(body)}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -330,11 +340,11 @@ def run_round(
     uid: str,
     events: EventRecorder,
     body: Mapping[str, Any],
-    pods: list[dict[str, Any]],
-    jobs: list[dict[str, Any]],
+    owned: Mapping[str, list[dict[str, Any]]],
 ) -> RoundOutcome | None:
-    """One decide -> act -> record round over what the watches show (``body``, ``pods``,
-    ``jobs``); blocking I/O for the actions, so it runs in a worker thread.
+    """One decide -> act -> record round over what the watches show (``body``, and ``owned``:
+    the job's pods, Jobs and Workloads by kind); blocking I/O for the actions, so it runs in a
+    worker thread.
 
     None when the job is gone (deleted, replaced by a namesake, or its namespace is being
     deleted): the loop ends.
@@ -349,9 +359,7 @@ def run_round(
         spec = exc
     status = body.get("status") or {}
     nodes = RUNTIME.nodes.snapshot() if RUNTIME.nodes is not None else None
-    observed = io.observe(
-        spec if not isinstance(spec, SpecError) else None, nodes, pods, jobs, meta.get("labels")
-    )
+    observed = io.observe(spec if not isinstance(spec, SpecError) else None, nodes, owned, meta.get("labels"))
     if RUNTIME.progress is not None:
         observed = replace(observed, progress=follow_progress(RUNTIME.progress, io, spec, status, observed))
     ref = resources.JobRef(io.name, io.namespace, uid)

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from relaunch import resources
 from relaunch.controller import kueue
-from relaunch.controller.cache import ConfigMaps, Owned
+from relaunch.controller.cache import KINDS, ConfigMaps, Owned
 from relaunch.controller.kube import (
     Kube,
     KubeError,
@@ -80,23 +80,22 @@ class JobIO:
         self.owned = owned
         self.configmaps = configmaps
 
-    def list_owned(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The job's pods and Jobs read from the API (for tools and tests; the loops read
-        :class:`Owned`)."""
+    def list_owned(self) -> dict[str, list[dict[str, Any]]]:
+        """The job's pods, Jobs and Workloads read from the API (for tools and tests; the loops
+        read :class:`Owned`)."""
         selector = f"{resources.LABEL_JOB}={self.name}"
-        return (
-            self.kube.list(collection_path("Pod", self.namespace), selector),
-            self.kube.list(collection_path("Job", self.namespace), selector),
-        )
+        return {kind: self.kube.list(collection_path(kind, self.namespace), selector) for kind in KINDS}
 
     def observe(
         self,
         spec: TrainingJobSpec | None,
         nodes: Mapping[str, NodeView] | None,
-        pods: list[dict[str, Any]],
-        helper_jobs: list[dict[str, Any]],
+        owned: Mapping[str, list[dict[str, Any]]],
         labels: Mapping[str, str] | None = None,
     ) -> Observed:
+        """What the round sees; ``owned``: the job's pods, Jobs and Workloads by kind (from
+        :class:`relaunch.controller.cache.Owned`, or :meth:`list_owned`)."""
+        pods, helper_jobs = owned.get("Pod") or [], owned.get("Job") or []
         workers = []
         helpers = []
         foreign: list[ForeignObject] = []
@@ -128,20 +127,20 @@ class JobIO:
             config_text=config_text,
             config_error=config_error,
             foreign=tuple(foreign),
-            queue=self._queue(spec, labels),
+            queue=self._queue(spec, labels, owned.get("Workload") or []),
         )
 
     def _queue(
-        self, spec: TrainingJobSpec | None, labels: Mapping[str, str] | None
+        self, spec: TrainingJobSpec | None, labels: Mapping[str, str] | None, workloads: list[dict[str, Any]]
     ) -> kueue.QueueView | None:
-        """The job's Kueue Workload (one GET: Kueue's decisions must be current), when the job is
-        labelled with a queue name; the value of its priority class only while the Workload is
-        still to be created."""
+        """The job's Kueue Workload (from the watch, with the operator's own writes laid over it),
+        when the job is labelled with a queue name; the value of its priority class (one read) only
+        while the Workload is still to be created."""
         queue_name, priority_class, kind = kueue.queue_of(labels, spec.template if spec else None)
         if not queue_name or spec is None:
             return None
         name = kueue.workload_name(self.name, self.uid)
-        found = self.kube.get(f"{collection_path('Workload', self.namespace)}/{quote(name, safe='')}")
+        found = next((w for w in workloads if (w.get("metadata") or {}).get("name") == name), None)
         if found is not None and not (self.uid and owner_uid(found) != self.uid):  # not a namesake's
             return kueue.QueueView(queue_name, name, kueue.workload_view(found), priority_class, kind)
         priority, error = None, None
@@ -232,6 +231,8 @@ class JobIO:
             log.debug(
                 "Workload %s (%s): %s", action.name, action.why, "patched" if done else "changed meanwhile"
             )
+            if self.owned is not None:
+                self.owned.created("Workload", self.namespace, done)
 
     def patch_status(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
         """Write the status change; the TrainingJob as the server returned it (None: no change)."""

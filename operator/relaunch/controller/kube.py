@@ -271,12 +271,13 @@ class Kube:
         status, payload = self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
         return self._ok("PATCH", path, status, payload)
 
-    def merge_patch_if_unchanged(self, path: str, patch: Mapping[str, Any]) -> bool:
-        """A merge patch that carries the ``metadata.resourceVersion`` it was computed from: False when
-        the object changed meanwhile (409) or is gone (404), and the caller decides again."""
+    def merge_patch_if_unchanged(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A merge patch that carries the ``metadata.resourceVersion`` it was computed from; the
+        object as patched, or None when it changed meanwhile (409) or is gone (404), and the
+        caller decides again."""
         status, payload = self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
         self._ok("PATCH", path, status, payload, tolerate=(404, 409))
-        return 200 <= status < 300
+        return payload if 200 <= status < 300 and isinstance(payload, dict) else None
 
     def merge_patch_or_none(self, path: str, patch: Mapping[str, Any]) -> Any:
         """A merge patch; None when the object is gone (404)."""
