@@ -4,6 +4,7 @@ storage provisioning, names in ``/etc/hosts``, the controls' actions, and ``main
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import logging
 import os
@@ -40,7 +41,7 @@ from e2e.nodeagent.kubelet import KubeletServer, LogRequestError
 from e2e.nodeagent.logs import LogRun
 from e2e.nodeagent.mounts import STAGE_CANDIDATES, choose_stage, image_paths, keep_image_visible, mount_script
 from e2e.nodeagent.podenv import PodInputs
-from e2e.nodeagent.pods import PodWorker, process_state
+from e2e.nodeagent.pods import ExitWatcher, PodWorker, process_state
 
 
 class NodeState:
@@ -84,6 +85,7 @@ class Agent:
         self.holds: dict[tuple[str, str], list[tuple[str, bool, str]]] = {}
         self.namespaces_ok = self.probe_namespaces()
         self.inputs = PodInputs(self.kube, self.state_dir, self.api_port, self.path_prefix)
+        self.exits = ExitWatcher()
 
     # -- helpers used by pods
     def allocate_ip(self) -> str:
@@ -338,7 +340,7 @@ class Agent:
             worker = self.workers.get(uid)
             if deleted:
                 if worker is not None:
-                    worker.gone.set()
+                    worker.remove()
                 return
             if worker is not None:
                 worker.update(pod)
@@ -366,7 +368,7 @@ class Agent:
                 with self.lock:
                     vanished = [w for uid, w in self.workers.items() if uid not in seen]
                 for worker in vanished:
-                    worker.gone.set()
+                    worker.remove()
                 version = listing["metadata"]["resourceVersion"]
                 for event in self.kube.watch("/api/v1/pods", version):
                     if self.stopping.is_set() or self.relist.is_set():
@@ -471,14 +473,14 @@ class Agent:
             if s["spec"].get("clusterIP") == "None"
         }
         lines = []
-        hostnames = [w.hostname for w in workers]
+        hostnames = collections.Counter(w.hostname for w in workers)
         for worker in sorted(workers, key=lambda w: (w.ns, w.pod_name)):
             names = []
             subdomain = worker.pod["spec"].get("subdomain")
             if subdomain and (worker.ns, subdomain) in headless:
                 base = f"{worker.hostname}.{subdomain}.{worker.ns}.svc"
                 names += [f"{base}.cluster.local", base]
-            if hostnames.count(worker.hostname) == 1:
+            if hostnames[worker.hostname] == 1:
                 names.append(worker.hostname)
             labels = worker.pod["metadata"].get("labels") or {}
             for (ns, name), svc in sorted(headless.items()):
@@ -510,6 +512,7 @@ class Agent:
             workers = [w for w in self.workers.values() if w.node == name]
         for worker in workers:
             worker.signal_all(signal.SIGKILL)
+            worker.wake.set()
         self.hosts_dirty.set()
         LOG.info("node %s lost: %d pods' processes killed, heartbeats stopped", name, len(workers))
         return {"node": name, "lost": True, "killed_pods": [f"{w.ns}/{w.pod_name}" for w in workers]}
@@ -526,6 +529,10 @@ class Agent:
             self.serve_kubelet(name, server)
         self.node_status(node)
         self.renew_lease(node)
+        with self.lock:
+            for worker in self.workers.values():
+                if worker.node == name:
+                    worker.wake.set()
         self.relist.set()
         LOG.info("node %s restored", name)
         return {"node": name, "lost": False}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -53,6 +54,43 @@ def process_tree(root: int) -> list[int]:
     return found
 
 
+#: The longest a running pod's worker sleeps without news: a safety net, not how changes arrive
+#: (a process exit, a change of the Pod, a control or a timer wakes it).
+IDLE_WAIT_S = 1.0
+#: How often a worker looks again when it cannot be woken (no pidfd, a status report to retry).
+POLL_S = 0.1
+
+
+class ExitWatcher:
+    """Wakes a pod's worker when one of its processes exits: one thread polls a pidfd per process
+    (``pidfd_open``), so that hundreds of workers wait for news instead of polling ``waitpid``.
+    The worker still reaps its processes itself (``Popen.poll``)."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        threading.Thread(target=self.run, name="exit-watcher", daemon=True).start()
+
+    def watch(self, pid: int, wake: threading.Event) -> bool:
+        """Set ``wake`` once ``pid`` (a child not reaped yet) exits; False if that cannot be watched."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            return False
+        with self.lock:
+            self.selector.register(fd, selectors.EVENT_READ, wake)
+        return True
+
+    def run(self) -> None:
+        while True:
+            # the kernel's epoll sees a pidfd registered while it waits: the timeout is only a bound
+            for key, _ in self.selector.select(timeout=IDLE_WAIT_S):
+                with self.lock:
+                    self.selector.unregister(key.fd)
+                os.close(key.fd)
+                key.data.set()
+
+
 class Container:
     """One container's process and its reported state."""
 
@@ -71,6 +109,7 @@ class Container:
         self.probes: dict[str, dict[str, float]] = {}
         self.probed_ready = "readinessProbe" not in spec  # no probe: Ready as soon as it runs
         self.runs: list[LogRun] = []  # one per start, oldest first (``previous`` is the one before last)
+        self.exit_watched = False  # the agent's ExitWatcher wakes the pod's worker when this run exits
 
     @property
     def ready(self) -> bool:
@@ -132,8 +171,12 @@ class PodWorker(threading.Thread):
         self.volumes: dict[str, Path] = {}
         self.gone = threading.Event()  # the Pod object no longer exists
         self.kill_requested = threading.Event()
+        # set by whatever may change what the worker does next (a process exit, the Pod changed or
+        # deleted, a control); the worker waits on it between rounds (next_wait)
+        self.wake = threading.Event()
         self.lock = threading.Lock()
         self.last_reported: Any = None
+        self.report_failed = False
         self.initialized = not self.init_containers
         self.prepared = False
         self.finalized = False
@@ -142,6 +185,12 @@ class PodWorker(threading.Thread):
     def update(self, pod: dict[str, Any]) -> None:
         with self.lock:
             self.pod = pod
+        self.wake.set()
+
+    def remove(self) -> None:
+        """The Pod object is gone from the API server."""
+        self.gone.set()
+        self.wake.set()
 
     @property
     def deletion_grace(self) -> int | None:
@@ -251,6 +300,7 @@ class PodWorker(threading.Thread):
             self.set_condition("Initialized", True)
         was_lost = False
         while not self.gone.is_set():
+            self.wake.clear()  # before looking: news arriving from here on makes another round
             if self.lost():
                 was_lost = True
                 for container in self.init_containers + self.containers:
@@ -271,7 +321,28 @@ class PodWorker(threading.Thread):
                 self.fail_active_deadline()
             self.step()
             self.report()
-            time.sleep(0.1)
+            self.wake.wait(self.next_wait())
+
+    def next_wait(self) -> float:
+        """Seconds until something due at a time needs this pod (a restart after back-off, a probe,
+        the active deadline, a status report to retry, a process that cannot be watched), at most
+        ``IDLE_WAIT_S``; news before then (``wake``) ends the wait early."""
+        now_mono = time.monotonic()
+        due = now_mono + IDLE_WAIT_S
+        if self.report_failed or self.kill_requested.is_set():
+            due = now_mono + POLL_S
+        for container in self.init_containers + self.containers:
+            if container.restart_at is not None:
+                due = min(due, container.restart_at)
+            if container.running:
+                if not container.exit_watched:
+                    due = min(due, now_mono + POLL_S)
+                for state in container.probes.values():
+                    due = min(due, state["next"])
+        deadline = self.pod["spec"].get("activeDeadlineSeconds")
+        if deadline is not None and self.phase not in ("Succeeded", "Failed"):
+            due = min(due, self.started + int(deadline))
+        return max(0.0, due - now_mono)
 
     def past_active_deadline(self) -> bool:
         deadline = self.pod["spec"].get("activeDeadlineSeconds")
@@ -567,6 +638,7 @@ class PodWorker(threading.Thread):
         )
         run.start(read_fd, f"{self.ns}/{self.pod_name}/{container.name}")
         container.runs.append(run)
+        container.exit_watched = self.agent.exits.watch(container.process.pid, self.wake)
         container.started_at = now()
         container.started_mono = time.monotonic()
         container.probes = {}
@@ -714,13 +786,15 @@ class PodWorker(threading.Thread):
             status["podIPs"] = [{"ip": self.pod_ip}]
         if status == self.last_reported:
             return
+        self.report_failed = True  # until the API server took it: the worker tries again soon
         try:
             self.agent.kube.patch(pod_path(self.ns, self.pod_name) + "/status", {"status": status})
             self.last_reported = status
+            self.report_failed = False
             self.agent.hosts_dirty.set()
         except KubeError as error:
             if error.status == 404:
-                self.gone.set()
+                self.remove()
             else:
                 LOG.warning("pod %s/%s: status update failed: %s", self.ns, self.pod_name, error)
         except requests.RequestException as error:
