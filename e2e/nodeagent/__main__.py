@@ -2,4 +2,5 @@
 
 from e2e.nodeagent.agent import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when the heartbeat process (spawned) imports it
+    raise SystemExit(main())

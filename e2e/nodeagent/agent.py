@@ -7,7 +7,6 @@ import argparse
 import collections
 import contextlib
 import logging
-import os
 import shutil
 import signal
 import ssl
@@ -23,36 +22,21 @@ import urllib3
 from e2e.cluster.pki import ensure_leaf
 from e2e.nodeagent.client import Kube, KubeError, pod_path
 from e2e.nodeagent.common import (
-    KUBELET_VERSION,
-    LEASE_RENEW_S,
     LOG,
-    NODE_CPU,
-    NODE_MEMORY,
-    NODE_STATUS_S,
+    LOG_FORMAT,
     PROVISIONER,
     STORAGE_CLASS,
     Conflict,
     now,
-    now_micro,
 )
 from e2e.nodeagent.controls import parse_selector, selector_matches, serve_controls
+from e2e.nodeagent.heartbeat import Heartbeats, NodeState, post_node_status, renew_lease
 from e2e.nodeagent.hosts import claim_address_octet, remove_hosts_block, write_hosts_block
 from e2e.nodeagent.kubelet import KubeletServer, LogRequestError
 from e2e.nodeagent.logs import LogRun
 from e2e.nodeagent.mounts import STAGE_CANDIDATES, choose_stage, image_paths, keep_image_visible, mount_script
 from e2e.nodeagent.podenv import PodInputs
 from e2e.nodeagent.pods import ExitWatcher, PodWorker, process_state
-
-
-class NodeState:
-    def __init__(self, name: str, ip: str) -> None:
-        self.name = name
-        self.ip = ip
-        self.lost = False
-        self.uid = ""
-        self.ready_since = now()
-        self.last_status = 0.0
-        self.last_lease = 0.0
 
 
 class Agent:
@@ -86,6 +70,7 @@ class Agent:
         self.namespaces_ok = self.probe_namespaces()
         self.inputs = PodInputs(self.kube, self.state_dir, self.api_port, self.path_prefix)
         self.exits = ExitWatcher()
+        self.heartbeats: Heartbeats | None = None  # started once the nodes are registered
 
     # -- helpers used by pods
     def allocate_ip(self) -> str:
@@ -245,90 +230,12 @@ class Agent:
                     raise
                 created = self.kube.get(f"/api/v1/nodes/{node.name}")
             node.uid = created["metadata"]["uid"]
-            self.node_status(node)
-            self.renew_lease(node)
+            post_node_status(self.kube, node, self.kubelet_port)
+            renew_lease(self.kube, node)
 
-    def node_status(self, node: NodeState) -> None:
-        stamp = now()
-        # generous, so that resource requests never leave pods Pending on 3 nodes
-        resources = {"cpu": NODE_CPU, "memory": NODE_MEMORY, "pods": "110", "ephemeral-storage": "1Ti"}
-
-        def condition(kind: str, status: str, reason: str, message: str) -> dict[str, str]:
-            return {
-                "type": kind,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastHeartbeatTime": stamp,
-                "lastTransitionTime": node.ready_since,
-            }
-
-        status = {
-            "capacity": resources,
-            "allocatable": resources,
-            "conditions": [
-                condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "testbed node"),
-                condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "testbed node"),
-                condition("PIDPressure", "False", "KubeletHasSufficientPID", "testbed node"),
-                condition("Ready", "True", "KubeletReady", "node agent is posting ready status"),
-            ],
-            "addresses": [
-                {"type": "InternalIP", "address": node.ip},
-                {"type": "Hostname", "address": node.name},
-            ],
-            # where the API server finds this node's kubelet (pods/log): the node's address, this port
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
-            "nodeInfo": {
-                "machineID": node.uid.replace("-", ""),
-                "systemUUID": node.uid,
-                "bootID": node.ready_since,
-                "kernelVersion": os.uname().release,
-                "osImage": "relaunch testbed",
-                "operatingSystem": "linux",
-                "architecture": "amd64",
-                "containerRuntimeVersion": "testbed://1",
-                "kubeletVersion": KUBELET_VERSION,
-                "kubeProxyVersion": "",
-            },
-        }
-        self.kube.patch(f"/api/v1/nodes/{node.name}/status", {"status": status})
-        node.last_status = time.monotonic()
-
-    def renew_lease(self, node: NodeState) -> None:
-        path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node.name}"
-        try:
-            self.kube.patch(
-                path, {"spec": {"holderIdentity": node.name, "renewTime": now_micro()}}, strategic=False
-            )
-        except KubeError as error:
-            if error.status != 404:
-                raise
-            body = {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {
-                    "name": node.name,
-                    "ownerReferences": [
-                        {"apiVersion": "v1", "kind": "Node", "name": node.name, "uid": node.uid}
-                    ],
-                },
-                "spec": {"holderIdentity": node.name, "leaseDurationSeconds": 40, "renewTime": now_micro()},
-            }
-            self.kube.post("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", body)
-        node.last_lease = time.monotonic()
-
-    def heartbeat_loop(self) -> None:
-        while not self.stopping.wait(0.5):
-            for node in list(self.nodes.values()):
-                if node.lost:
-                    continue
-                try:
-                    if time.monotonic() - node.last_lease >= LEASE_RENEW_S:
-                        self.renew_lease(node)
-                    if time.monotonic() - node.last_status >= NODE_STATUS_S:
-                        self.node_status(node)
-                except (KubeError, requests.RequestException) as error:
-                    LOG.warning("node %s: heartbeat failed: %s", node.name, error)
+    def start_heartbeats(self) -> None:
+        """Hand the registered nodes' heartbeats to a process of their own (see ``heartbeat``)."""
+        self.heartbeats = Heartbeats(self.kube, self.nodes, self.kubelet_port)
 
     # -- pods
     def on_pod(self, pod: dict[str, Any], deleted: bool = False) -> None:
@@ -507,6 +414,8 @@ class Agent:
     def lose_node(self, name: str) -> dict[str, Any]:
         node = self.nodes[name]
         node.lost = True
+        if self.heartbeats is not None:
+            self.heartbeats.lose(node)
         self.stop_kubelet(name)  # new connections are refused; open log streams freeze
         with self.lock:
             workers = [w for w in self.workers.values() if w.node == name]
@@ -527,8 +436,10 @@ class Agent:
             LOG.warning("node %s: kubelet port %d cannot be opened again: %s", name, self.kubelet_port, error)
         else:
             self.serve_kubelet(name, server)
-        self.node_status(node)
-        self.renew_lease(node)
+        post_node_status(self.kube, node, self.kubelet_port)
+        renew_lease(self.kube, node)
+        if self.heartbeats is not None:
+            self.heartbeats.restore(node)
         with self.lock:
             for worker in self.workers.values():
                 if worker.node == name:
@@ -645,6 +556,8 @@ class Agent:
     def shutdown(self) -> None:
         """Stop every pod process (SIGTERM, 3 s, SIGKILL) and remove what the agent put on the host."""
         self.stopping.set()
+        if self.heartbeats is not None:
+            self.heartbeats.stop()
         for name in list(self.kubelet_servers):
             self.stop_kubelet(name)
         with self.lock:
@@ -682,15 +595,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # HTTPS probes, like the kubelet's
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     agent = Agent(args)
     agent.start_kubelet_servers(args.kubelet_port)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     agent.register_nodes()
+    agent.start_heartbeats()
     agent.ensure_storage_class()
-    for target in (agent.heartbeat_loop, agent.watch_loop, agent.housekeeping_loop):
+    for target in (agent.watch_loop, agent.housekeeping_loop):
         threading.Thread(target=target, name=target.__name__, daemon=True).start()
     server = serve_controls(agent, args.port)
     LOG.info(

@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 
 LOG = logging.getLogger("nodeagent")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(threadName)s: %(message)s"
 #: Host environment every pod process inherits (machine-level library settings, not the agent's).
 MACHINE_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 POD_MARKER_ENV = "RELAUNCH_TESTBED_CLUSTER"

@@ -18,7 +18,8 @@ from e2e.nodeagent.common import LOG
 from e2e.nodeagent.logs import LogOptions, LogRenderer, LogRun, tail_start
 
 if TYPE_CHECKING:
-    from e2e.nodeagent.agent import Agent, NodeState
+    from e2e.nodeagent.agent import Agent
+    from e2e.nodeagent.heartbeat import NodeState
 
 HANDSHAKE_TIMEOUT_S = 10.0
 #: How often a follow stream with nothing new checks that its client and its node are still there.
