@@ -19,8 +19,9 @@ Phases, in one run, each ending with its jobs deleted and their pods gone:
 For each phase: the seconds from the first create to every worker of every job Running (per job:
 median and slowest), and how many restarts happened before that (the operator taking a node for
 lost, say); operator RSS (``VmRSS``) and CPU seconds from ``/proc`` of the operator process, with
-the CPU of the node agent, the API server, the scheduler, the controller-manager and etcd, and the
-whole machine's, over the same interval; the longest any node's Lease went unrenewed (from a watch
+the CPU of the node agent, the API server, the scheduler, the controller-manager, etcd, the pods'
+processes (the workers' shells, the planning Jobs' ``relaunch plan``) and the whole machine, over
+the same interval; the longest any node's Lease went unrenewed (from a watch
 of ``kube-node-lease``: a node agent too slow to renew makes live nodes look lost); which side
 limits: a component near what it can use (one core for the Python ones), else the machine's CPU,
 else none (waits); API requests per minute at steady state over ``--window`` s in which nothing
@@ -69,6 +70,7 @@ from e2e.cluster import Cluster, down, up
 from e2e.cluster.control import _kubeconfig as write_kubeconfig
 from e2e.cluster.pki import Pki, ensure_leaf
 from e2e.nodeagent.client import Kube as RawKube
+from e2e.nodeagent.common import POD_MARKER_ENV
 from e2e.test_recovery import OperatorProcess, install_crd, trainer_config, trainingjob
 from relaunch.controller.kube import Kube
 
@@ -253,6 +255,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def _times(pid: int) -> tuple[float, float]:
+    """(own, reaped children's) CPU seconds of ``pid``: utime+stime, cutime+cstime."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, (
+        int(fields[13]) + int(fields[14])
+    ) / CLOCK_TICKS
+
+
+def agent_and_pods_cpu(agent: int) -> tuple[float, float]:
+    """CPU seconds of the node agent (with its own helper processes) and of every pod's processes,
+    live or exited: a pod's process carries the testbed's marker in its environment; an exited one
+    is in its parent's reaped children's time (the agent's, for a container's main process)."""
+    own, pods = _times(agent)
+    for pid in process_tree(agent)[1:]:
+        try:
+            is_pod = POD_MARKER_ENV.encode() + b"=" in Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        mine, theirs = _times(pid)
+        if is_pod:
+            pods += mine + theirs
+        else:
+            own += mine + theirs
+    return own, pods
+
+
 def rss_bytes(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -282,14 +313,23 @@ class Cpu:
         self.machine_before = (0.0, 0.0)
         self.machine = 0.0  # the machine's busy share of all its cores (1.0: every core busy)
 
+    def read(self) -> dict[str, float]:
+        seconds = {}
+        for name, pid in self.pids.items():
+            if name == "node-agent":
+                seconds[name], seconds["pods"] = agent_and_pods_cpu(pid)
+            else:
+                seconds[name] = cpu_seconds(pid)
+        return seconds
+
     def start(self) -> Cpu:
-        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.before = self.read()
         self.machine_before = machine_busy()
         self.wall = time.monotonic()
         return self
 
     def stop(self) -> Cpu:
-        self.used = {name: cpu_seconds(pid) - self.before[name] for name, pid in self.pids.items()}
+        self.used = {name: value - self.before.get(name, 0.0) for name, value in self.read().items()}
         busy, total = machine_busy()
         spent = total - self.machine_before[1]
         self.machine = (busy - self.machine_before[0]) / spent if spent > 0 else 0.0
@@ -640,10 +680,10 @@ class Bench:
 def cpu_line(cpu: Cpu) -> str:
     short = {"node-agent": "agent", "kube-apiserver": "apiserver", "kube-scheduler": "scheduler",
              "kube-controller-manager": "ctrl-mgr"}  # fmt: skip
-    parts = ", ".join(f"{short.get(name, name)} {cpu.share(name):.2f}" for name in cpu.pids)
+    parts = ", ".join(f"{short.get(name, name)} {cpu.share(name):.2f}" for name in cpu.used)
     cores = os.cpu_count() or 1
-    others = cpu.machine * cores - sum(cpu.share(name) for name in cpu.pids)
-    return f"{parts} cores; machine {cpu.machine:.0%} busy of {cores} cores (pods and all else: {others:.2f})"
+    others = cpu.machine * cores - sum(cpu.share(name) for name in cpu.used)
+    return f"{parts} cores; machine {cpu.machine:.0%} busy of {cores} cores (all else: {others:.2f})"
 
 
 def limiting_side(cpu: Cpu) -> str:
@@ -661,7 +701,12 @@ def limiting_side(cpu: Cpu) -> str:
     if load[busiest] >= 0.8:
         return f"the {busiest} ({ranked} of what each can use)"
     if cpu.machine >= 0.9:
-        return f"the machine's CPU ({cpu.machine:.0%} busy; {ranked} of what each can use)"
+        users = dict(cpu.used)
+        users["all else"] = cpu.machine * cores * cpu.wall - sum(cpu.used.values())
+        top = ", ".join(
+            f"{n} {v / cpu.wall:.2f}" for n, v in sorted(users.items(), key=lambda kv: -kv[1])[:4]
+        )
+        return f"the machine's CPU ({cpu.machine:.0%} busy; cores used: {top}; {ranked} of what each can use)"
     return f"no component's CPU ({ranked} of what each can use; machine {cpu.machine:.0%} busy): waits"
 
 
