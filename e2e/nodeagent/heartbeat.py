@@ -167,7 +167,9 @@ def beat(
     kubelet_port: int,
     agent_pid: int,
 ) -> None:
-    """The heartbeat process: renew what is due, act on the agent's messages; end with the agent."""
+    """The heartbeat process: a thread per node renews what is due (as each node has a kubelet of
+    its own, a slow answer for one node delays no other); this one acts on the agent's messages.
+    It ends with the agent."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     server, ca, cert, key = credentials
     kube = Kube(server, Path(ca), Path(cert), Path(key))
@@ -177,26 +179,36 @@ def beat(
         node.uid, node.ready_since, node.lost = uid, ready_since, lost
         node.last_status = node.last_lease = time.monotonic()  # the agent has just posted both
         nodes[name] = node
+        threading.Thread(
+            target=keep_alive, args=(kube, node, kubelet_port), name=f"heartbeat-{name}", daemon=True
+        ).start()
     while os.getppid() == agent_pid:
-        if connection.poll(TICK_S):
-            try:
-                message = connection.recv()
-            except EOFError:
-                return  # the agent is gone
-            node = nodes[message[1]]
-            if message[0] == "lose":
-                node.lost = True
-            elif message[0] == "restore":
-                node.lost, node.ready_since = False, message[2]
-                node.last_status = node.last_lease = time.monotonic()  # the agent has just posted both
-            connection.send("done")
-        for node in nodes.values():
-            if node.lost:
-                continue
-            try:
-                if time.monotonic() - node.last_lease >= LEASE_RENEW_S:
-                    renew_lease(kube, node)
-                if time.monotonic() - node.last_status >= NODE_STATUS_S:
-                    post_node_status(kube, node, kubelet_port)
-            except (KubeError, requests.RequestException) as error:
-                LOG.warning("node %s: heartbeat failed: %s", node.name, error)
+        if not connection.poll(TICK_S):
+            continue
+        try:
+            message = connection.recv()
+        except EOFError:
+            return  # the agent is gone
+        node = nodes[message[1]]
+        if message[0] == "lose":
+            node.lost = True  # no renewal starts after this (one under way may still finish)
+        elif message[0] == "restore":
+            node.last_status = node.last_lease = time.monotonic()  # the agent has just posted both
+            node.ready_since, node.lost = message[2], False
+        connection.send("done")
+
+
+def keep_alive(kube: Kube, node: NodeState, kubelet_port: int) -> None:
+    """Renew one node's Lease every ``LEASE_RENEW_S`` and post its status every ``NODE_STATUS_S``
+    while it is not lost."""
+    while True:
+        time.sleep(TICK_S)
+        if node.lost:
+            continue
+        try:
+            if time.monotonic() - node.last_lease >= LEASE_RENEW_S:
+                renew_lease(kube, node)
+            if not node.lost and time.monotonic() - node.last_status >= NODE_STATUS_S:
+                post_node_status(kube, node, kubelet_port)
+        except (KubeError, requests.RequestException) as error:
+            LOG.warning("node %s: heartbeat failed: %s", node.name, error)
