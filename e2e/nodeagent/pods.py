@@ -33,8 +33,15 @@ def process_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process descended from it, from each process's parent in /proc."""
+#: How old a reading of the process table ``signal_all`` may use: when a gang of hundreds of pods is
+#: deleted at once, each pod's worker would otherwise read every ``/proc/<pid>/stat`` of the
+#: machine twice (SIGTERM, SIGKILL), all under the agent's interpreter lock.
+PROCESS_TABLE_MAX_AGE_S = 0.1
+_process_table: tuple[float, dict[int, list[int]]] = (float("-inf"), {})
+_process_table_lock = threading.Lock()
+
+
+def _read_process_table() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -46,6 +53,19 @@ def process_tree(root: int) -> list[int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def process_tree(root: int, max_age: float = 0.0) -> list[int]:
+    """``root`` and every process descended from it, from each process's parent in /proc, read now
+    or (``max_age`` > 0) at most ``max_age`` seconds ago by any caller."""
+    global _process_table
+    with _process_table_lock:
+        read_at, children = _process_table
+        if max_age <= 0 or time.monotonic() - read_at > max_age:
+            read_at = time.monotonic()
+            children = _read_process_table()
+            _process_table = (read_at, children)
     found, stack = [], [root]
     while stack:
         pid = stack.pop()
@@ -204,14 +224,14 @@ class PodWorker(threading.Thread):
 
         Every process: the container's process group and any descendant that left it (a launcher
         such as msrun starting its workers in sessions of their own), as a kubelet reaches every
-        process in the container's cgroup. The tree is read before any signal, so a child whose
-        parent dies first is not lost. A stopped (paused) process keeps a SIGTERM pending without
-        acting on it; SIGKILL ends it."""
+        process in the container's cgroup. The tree is read before any signal (at most
+        ``PROCESS_TABLE_MAX_AGE_S`` before), so a child whose parent dies first is not lost. A
+        stopped (paused) process keeps a SIGTERM pending without acting on it; SIGKILL ends it."""
         signalled = []
         for container in self.init_containers + self.containers:
             if container.running and container.process is not None:
                 pid = container.process.pid
-                tree = process_tree(pid)
+                tree = process_tree(pid, PROCESS_TABLE_MAX_AGE_S)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, sig)
                     signalled.append(pid)
