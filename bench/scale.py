@@ -626,13 +626,20 @@ class Bench:
         )
         time.sleep(self.args.settle)
         result["rss_before"], result["rss"] = rss_before, self.operator_rss()
+        attempts = {n: self.observed.attempt(n) for n in names}
+        self.observed.heartbeat_gap()
         steady = Cpu(self.components()).start()
         window = Window(self.api, self.namespace, self.args.window)
         steady.stop()
-        running = self.observed.running()
-        not_running = [n for n in names if n not in running]
-        if not_running:
-            print(f"  WARNING: after the steady window {len(not_running)} jobs were not all Running")
+        gap, node = self.observed.heartbeat_gap()
+        restarts = sum(self.observed.attempt(n) - attempts[n] for n in names)
+        print(
+            f"  during the steady window: {restarts} restart(s) nobody asked for; longest a node's Lease "
+            f"went unrenewed: {gap:.1f} s ({node})",
+            flush=True,
+        )
+        if restarts:
+            print("  WARNING: something failed during the steady window: its figures count that too")
         assert self.idle is not None
         result["steady_cpu"] = steady
         result["window"] = window
