@@ -1,4 +1,4 @@
-"""pytest fixtures for tests on the local cluster (see e2e/cluster and e2e/nodeagent.py).
+"""pytest fixtures for tests on the local cluster (see e2e/cluster and e2e/nodeagent/).
 
 * ``cluster`` (session): starts a cluster in ``.e2e-logs/cluster`` (or ``$RELAUNCH_TEST_CLUSTER_DIR``)
   and always stops it; with ``RELAUNCH_TEST_KUBECONFIG`` set, uses that running cluster instead
