@@ -28,19 +28,17 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.recovery import bench_cluster, bench_namespace, summarize, trial, wait
+from bench.recovery import start_session, summarize, trial, wait
 from e2e.cluster import down
 from e2e.test_grow_back import one_worker_per_node
 from e2e.test_recovery import (
     Jobs,
-    OperatorProcess,
     complete_steps,
     newest_global_step,
     trainer_config,
@@ -162,13 +160,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=4096, help="the demo model's hidden size")
     args = parser.parse_args()
 
-    cluster, own_dir = bench_cluster(args.kubeconfig)
-    agent = cluster.agent()
-    api, namespace = bench_namespace(cluster)
-    jobs = Jobs(api, namespace)
-    shared = Path(tempfile.mkdtemp(prefix="relaunch-bench-shared-"))
-    operator = OperatorProcess(cluster.kubeconfig, namespace, shared / "operator.log")
-    operator.start()
+    _cluster, own_dir, agent, api, namespace, jobs, shared, operator = start_session(args.kubeconfig)
     try:
         config = trainer_config(
             data_parallel=3,

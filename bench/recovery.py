@@ -29,7 +29,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -97,6 +97,30 @@ def bench_cluster(kubeconfig: str | None) -> tuple[Cluster, Path | None]:
     own_dir = Path(tempfile.mkdtemp(prefix="relaunch-bench-"))
     print(f"starting a cluster in {own_dir} ...", flush=True)
     return up(own_dir, nodes=3), own_dir
+
+
+class BenchSession(NamedTuple):
+    """What every bench starts with: the cluster, a namespace of its own, and an operator in it."""
+
+    cluster: Cluster
+    own_dir: Path | None  # the cluster's folder when the bench started it (to stop), else None
+    agent: Any
+    api: Kube
+    namespace: str
+    jobs: Jobs
+    shared: Path
+    operator: OperatorProcess
+
+
+def start_session(kubeconfig: str | None) -> BenchSession:
+    """The cluster (:func:`bench_cluster`), a fresh namespace and the operator running in it."""
+    cluster, own_dir = bench_cluster(kubeconfig)
+    agent = cluster.agent()
+    api, namespace = bench_namespace(cluster)
+    shared = Path(tempfile.mkdtemp(prefix="relaunch-bench-shared-"))
+    operator = OperatorProcess(cluster.kubeconfig, namespace, shared / "operator.log")
+    operator.start()
+    return BenchSession(cluster, own_dir, agent, api, namespace, Jobs(api, namespace), shared, operator)
 
 
 def bench_namespace(cluster: Cluster) -> tuple[Kube, str]:
@@ -168,13 +192,7 @@ def main() -> int:
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
-    cluster, own_dir = bench_cluster(args.kubeconfig)
-    agent = cluster.agent()
-    api, namespace = bench_namespace(cluster)
-    jobs = Jobs(api, namespace)
-    shared = Path(tempfile.mkdtemp(prefix="relaunch-bench-shared-"))
-    operator = OperatorProcess(cluster.kubeconfig, namespace, shared / "operator.log")
-    operator.start()
+    _cluster, own_dir, agent, api, namespace, jobs, shared, operator = start_session(args.kubeconfig)
     try:
         baseline = baseline_pod_start(api, namespace, 5)
         config = trainer_config(step_delay_seconds=0.2, epochs=100000, keep_checkpoint_max=2)

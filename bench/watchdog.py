@@ -23,16 +23,15 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.recovery import bench_cluster, bench_namespace, parse_time, percentile, wait
+from bench.recovery import parse_time, percentile, start_session, wait
 from e2e.cluster import Cluster, down
-from e2e.test_recovery import Jobs, OperatorProcess, trainer_config, trainingjob
+from e2e.test_recovery import trainer_config, trainingjob
 from relaunch.controller.kube import Kube
 
 #: A worker that prints MindFormers' step line every half second, with the time it printed it.
@@ -86,13 +85,7 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=60.0, help="seconds of each cost phase")
     args = parser.parse_args()
 
-    cluster, own_dir = bench_cluster(args.kubeconfig)
-    agent = cluster.agent()
-    api, namespace = bench_namespace(cluster)
-    jobs = Jobs(api, namespace)
-    shared = Path(tempfile.mkdtemp(prefix="relaunch-bench-shared-"))
-    operator = OperatorProcess(cluster.kubeconfig, namespace, shared / "operator.log")
-    operator.start()
+    cluster, own_dir, agent, api, namespace, jobs, shared, operator = start_session(args.kubeconfig)
     progress = {"startupSeconds": 60, "stallSeconds": args.stall, "checkpointSaveSeconds": args.stall}
     latencies: list[float] = []
     try:
