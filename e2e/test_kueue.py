@@ -203,8 +203,13 @@ def test_a_second_job_waits_for_the_quota_and_runs_when_the_first_finishes(
     assert jobs.status("second")["phase"] == "Queued" and jobs.pods("second") == []
 
     wait_phase(jobs, wait_for, "first", "Succeeded", 180)
-    first_wl = workload(api, jobs.namespace, "first")
-    assert workload_condition(first_wl, "Finished")["reason"] == "Succeeded", first_wl.get("status")
+    # The round that writes Succeeded finishes the Workload right after that status write.
+    finished = wait_for(
+        lambda: workload_condition(workload(api, jobs.namespace, "first"), "Finished"),
+        10,
+        lambda: f"the first job's Workload Finished:\n{workload(api, jobs.namespace, 'first').get('status')}",
+    )
+    assert finished["status"] == "True" and finished["reason"] == "Succeeded", finished
 
     status = wait_running(jobs, wait_for, "second", 1, 90)
     assert condition(status, "Admitted")["status"] == "True"
