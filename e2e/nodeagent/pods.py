@@ -219,6 +219,16 @@ class PodWorker(threading.Thread):
             return None
         return int(meta.get("deletionGracePeriodSeconds") or 0)
 
+    def kill_and_record(self, procs: list[Container]) -> None:
+        """SIGKILL every process of the pod, wait for ``procs`` and record the exit of each that
+        was still running (never restarted)."""
+        self.signal_all(signal.SIGKILL)
+        for container in procs:
+            if container.process is not None:
+                code = container.process.wait()
+                if "running" in container.state:
+                    self.record_exit(container, code, allow_restart=False)
+
     def signal_all(self, sig: int) -> list[int]:
         """Send ``sig`` to every process of every running container; returns their main pids.
 
@@ -372,12 +382,7 @@ class PodWorker(threading.Thread):
         """A pod active on the node past ``activeDeadlineSeconds`` (counted from its startTime,
         held or pending included): the kubelet kills it and fails it with reason DeadlineExceeded."""
         procs = [c for c in self.init_containers + self.containers if c.running]
-        self.signal_all(signal.SIGKILL)
-        for container in procs:
-            if container.process is not None:
-                code = container.process.wait()
-                if "running" in container.state:
-                    self.record_exit(container, code, allow_restart=False)
+        self.kill_and_record(procs)
         self.settle_container_states()
         self.phase = "Failed"
         self.reason = "DeadlineExceeded"
@@ -689,12 +694,7 @@ class PodWorker(threading.Thread):
             if self.gone.is_set() or self.lost():
                 break
             time.sleep(0.05)
-        self.signal_all(signal.SIGKILL)
-        for container in procs:
-            if container.process is not None:
-                code = container.process.wait()
-                if "running" in container.state:
-                    self.record_exit(container, code, allow_restart=False)
+        self.kill_and_record(procs)
         if self.lost():
             return  # a node that lost power mid-deletion reports nothing; after restore the pod is re-handled
         self.settle_container_states()
