@@ -34,8 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.recovery import start_session, summarize, trial, wait
-from e2e.cluster import down
+from bench.recovery import end_session, start_session, summarize, trial, wait
 from e2e.test_grow_back import one_worker_per_node
 from e2e.test_recovery import (
     Jobs,
@@ -227,12 +226,7 @@ def main() -> int:
                 flush=True,
             )
     finally:
-        operator.stop()
-        api.delete(f"/api/v1/namespaces/{namespace}")
-        for node in agent.lost_nodes():
-            agent.restore_node(node)
-        if own_dir is not None:
-            down(own_dir, quiet=True)
+        end_session(operator, api, namespace, agent, own_dir)
 
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(

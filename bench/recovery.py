@@ -123,6 +123,19 @@ def start_session(kubeconfig: str | None) -> BenchSession:
     return BenchSession(cluster, own_dir, agent, api, namespace, Jobs(api, namespace), shared, operator)
 
 
+def end_session(
+    operator: OperatorProcess, api: Kube, namespace: str, agent: Any, own_dir: Path | None
+) -> None:
+    """Undo :func:`start_session`: the operator stopped, the namespace deleted, lost nodes
+    restored, and the cluster stopped if the bench started it."""
+    operator.stop()
+    api.delete(f"/api/v1/namespaces/{namespace}")
+    for node in agent.lost_nodes():
+        agent.restore_node(node)
+    if own_dir is not None:
+        down(own_dir, quiet=True)
+
+
 def bench_namespace(cluster: Cluster) -> tuple[Kube, str]:
     """The admin's client, with the CRD installed, and a fresh namespace ready for pods."""
     api = Kube(cluster.api_client())
@@ -231,12 +244,7 @@ def main() -> int:
             )
             time.sleep(1.0)
     finally:
-        operator.stop()
-        api.delete(f"/api/v1/namespaces/{namespace}")
-        for node in agent.lost_nodes():
-            agent.restore_node(node)
-        if own_dir is not None:
-            down(own_dir, quiet=True)
+        end_session(operator, api, namespace, agent, own_dir)
 
     floor = statistics.median(baseline)
     print(f"\nbaseline: one bare pod created -> Running, median {floor:.2f}s over {len(baseline)} pods")

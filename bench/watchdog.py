@@ -29,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.recovery import parse_time, percentile, start_session, wait
-from e2e.cluster import Cluster, down
+from bench.recovery import end_session, parse_time, percentile, start_session, wait
+from e2e.cluster import Cluster
 from e2e.test_recovery import trainer_config, trainingjob
 from relaunch.controller.kube import Kube
 
@@ -126,10 +126,7 @@ def main() -> int:
                 api.delete(f"/apis/relaunch.dev/v1alpha1/namespaces/{namespace}/trainingjobs/{name}")
             wait(lambda: not api.list(f"/api/v1/namespaces/{namespace}/pods"), 120, "the jobs' pods gone")
     finally:
-        operator.stop()
-        api.delete(f"/api/v1/namespaces/{namespace}")
-        if own_dir is not None:
-            down(own_dir, quiet=True)
+        end_session(operator, api, namespace, agent, own_dir)
 
     med, p95 = statistics.median(latencies), percentile(latencies, 0.95)
     print(f"\ndetection past the allowance ({len(latencies)} hangs): median {med:.2f}s, p95 {p95:.2f}s")
