@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from relaunch import cli, convert
+from relaunch import cli, convert, marker
 from relaunch.convert import ConversionError, is_complete, reshard, unify
 from relaunch.strategy import Layout, StrategyError, default_opt_step, read_strategy_dir
 
@@ -339,7 +339,7 @@ def test_a_no_fsync_result_is_trusted_only_on_the_boot_that_wrote_it(
     assert unify(files, strategy, tmp_path / "u", workers=1, durable=False).reused
     assert read_unified(str(tmp_path / "u")).keys() == model.layouts.keys()
 
-    monkeypatch.setattr(convert, "boot_id", lambda: "another-boot")  # rebooted, or another machine
+    monkeypatch.setattr(marker, "boot_id", lambda: "another-boot")  # rebooted, or another machine
     assert is_complete(tmp_path / "u") is None
     with pytest.raises(ConversionError, match="not a finished conversion"):  # other inputs: kept, refused
         unify(files, strategy, tmp_path / "u", workers=1, part_bytes=1)

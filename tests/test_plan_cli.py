@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -390,3 +392,27 @@ def test_plan_conversion_and_replan_with_the_real_converter(
     )
     assert unified["action"] == "resume" and unified["source"]["kind"] == "unified"
     assert unified["config"]["resume_training"] is True
+
+
+def test_planning_pods_start_without_the_conversion_and_operator_code(tmp_path: Path) -> None:
+    """``relaunch plan`` runs in a pod at every recovery; it imports neither NumPy (``convert``) nor
+    the operator (asyncio, kopf, the Kubernetes client), which would triple its start-up CPU, yet it
+    still finds a finished conversion and plans a resume from a real tree."""
+    checkpoint = write_tree(tmp_path, 2, (10,))
+    probe = (
+        "import json, sys\n"
+        "from relaunch import cli\n"
+        "code = cli.main(sys.argv[1:])\n"
+        "heavy = sorted(m for m in ('numpy', 'relaunch.convert', 'relaunch.controller', 'asyncio', 'kopf',"
+        " 'kubernetes') if m in sys.modules)\n"
+        "print(json.dumps({'code': code, 'heavy': heavy}), file=sys.stderr)\n"
+    )
+    args = ["plan", "--checkpoint-dir", str(checkpoint), "--world-size", "2", "--json"]
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["action"] == "resume"
+    assert json.loads(done.stderr.strip().splitlines()[-1]) == {"code": 0, "heavy": []}
+
+    # Every command is still listed when none is named.
+    listed = subprocess.run([sys.executable, "-m", "relaunch.cli", "--help"], capture_output=True, text=True)
+    assert all(name in listed.stdout for name in cli.COMMANDS), listed.stdout

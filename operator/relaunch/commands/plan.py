@@ -77,6 +77,7 @@ import sys
 from typing import Any, Literal
 
 from relaunch import config as config_module
+from relaunch.marker import is_complete
 from relaunch.plan import (
     CONVERSION_MODES,
     REASONS,
@@ -87,9 +88,6 @@ from relaunch.plan import (
     Plan,
     decide,
 )
-
-#: The marker a finished conversion holds (see ``relaunch.convert``).
-COMPLETION_MARKER = "relaunch-complete.json"
 
 
 def _choice(options: tuple[str, ...]) -> Any:
@@ -188,10 +186,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _conversion_complete(directory: str) -> bool:
-    try:
-        from relaunch.convert import is_complete
-    except ImportError:  # pragma: no cover - the conversion module is part of the package
-        return os.path.isfile(os.path.join(directory, COMPLETION_MARKER))
     return is_complete(directory) is not None
 
 
