@@ -655,17 +655,21 @@ class Bench:
         print("  CPU at steady state: " + cpu_line(steady), flush=True)
         count = max(1, round(jobs * self.args.recover_fraction))
         times: list[float] = []
+        recovering = Cpu(self.components()).start()
         for trial in range(trials):
             victims = self.rng.sample(names, count)
             times += self.recover(victims, self.args.recover_timeout)
             if trial + 1 < trials:
                 time.sleep(1.0)
+        recovering.stop()
         result["recovery"] = times
+        result["recovery_cpu"] = recovering
         print(
             f"  recovery ({count} job(s) lose a worker at once, {trials} trial(s)): median "
             f"{statistics.median(times):.2f} s, p95 {percentile(times, 0.95):.2f} s, max {max(times):.2f} s",
             flush=True,
         )
+        print("  CPU while recovering: " + cpu_line(recovering), flush=True)
         self.delete_all(names)
         return result
 
@@ -735,6 +739,7 @@ def report(results: list[dict[str, Any]]) -> bool:
         )
     for r in results:
         print(f"\n  {r['label']}: while starting, the limiting side is {limiting_side(r['start_cpu'])}")
+        print(f"  {r['label']}: while recovering, the limiting side is {limiting_side(r['recovery_cpu'])}")
         print(
             f"  {r['label']}: steady-state requests per minute above idle, all clients, by verb and resource:"
         )
