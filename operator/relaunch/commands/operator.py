@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from relaunch.controller import handlers
+    from relaunch.controller.leader import default_identity
 
     handlers.RUNTIME.metrics_port = args.metrics_port or None
     if args.leader_election:
@@ -94,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
                 clusterwide=not namespaces,
                 namespaces=namespaces,
                 liveness_endpoint=args.liveness,
+                # kopf would name itself after the user from the password database, which has no
+                # entry for the image's numeric user (65532, or any runAsUser): it would crash.
+                identity=default_identity(),  # type: ignore[arg-type]  # kopf's NewType of str
             )
         )
     except KeyboardInterrupt:
