@@ -26,6 +26,7 @@ from relaunch.controller.reconcile import (
     Observed,
     PlanOutcome,
     PodView,
+    node_lost_at,
     reconcile,
     set_condition,
 )
@@ -947,6 +948,7 @@ def test_node_tracker_combines_ready_condition_and_lease() -> None:
     )
     assert changes == [1]  # nothing flipped: no wake-up
     assert tracker.snapshot()["n1"].last_heartbeat == T0 + 3  # type: ignore[index]
+    assert tracker.snapshot()["n1"].heartbeat_interval == 1.5  # type: ignore[index]
     tracker.node_event("DELETED", nodes[1])
     assert changes == [1, 1] and "n2" not in tracker.snapshot()  # type: ignore[operator]
     # A lease watch silent for longer than kubelets allow is not trusted with heartbeats.
@@ -1187,3 +1189,16 @@ def test_no_operator_handler_requires_a_finalizer() -> None:
     assert any(getattr(h, "fn", None) is relaunch.controller.handlers.trainingjob_changed for h in handlers)
     assert [h.id for h in handlers if getattr(h, "requires_finalizer", False)] == []
     assert list(registry._spawning.get_all_handlers()) == []  # no daemons, no timers
+
+
+def test_a_grace_shorter_than_the_nodes_renew_interval_waits_for_a_missed_heartbeat() -> None:
+    """A kubelet renews its Lease every 10 s: with a 4 s grace, a healthy node's heartbeat is up to
+    10 s old between renewals, so silence counts from 1.5 renew intervals; a node that renews more
+    often than the grace keeps the grace."""
+    kubelet = NodeView("real", last_heartbeat=T0, heartbeat_interval=10.0)
+    assert node_lost_at(kubelet, 4.0) == T0 + 15.0
+    assert node_lost_at(kubelet, 30.0) == T0 + 30.0
+    fast = NodeView("agent", last_heartbeat=T0, heartbeat_interval=2.0)
+    assert node_lost_at(fast, 4.0) == T0 + 4.0
+    unknown = NodeView("new", last_heartbeat=T0)  # one renewal seen: its interval is not known yet
+    assert node_lost_at(unknown, 4.0) == T0 + 4.0

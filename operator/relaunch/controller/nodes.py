@@ -96,6 +96,7 @@ class NodeTracker:
         self._lock = threading.Lock()
         self._nodes: dict[str, _NodeState] | None = None
         self._heartbeats: dict[str, float] = {}
+        self._intervals: dict[str, float] = {}  # between a Lease's last two renewals seen
         self._silent_reported = False
         self.nodes = Informer(
             kube, "/api/v1/nodes", on_list=self.nodes_listed, on_event=self.node_event, name="nodes"
@@ -151,6 +152,7 @@ class NodeTracker:
                     st.ready,
                     st.not_ready_since,
                     self._heartbeats.get(name) if trusted else None,
+                    heartbeat_interval=self._intervals.get(name),
                     taints=st.taints,
                     labels=st.labels or {},
                     true_conditions=st.true_conditions,
@@ -199,7 +201,11 @@ class NodeTracker:
         with self._lock:
             if kind == "DELETED" or renewed is None:
                 self._heartbeats.pop(name, None)
+                self._intervals.pop(name, None)
             else:
+                previous = self._heartbeats.get(name)
+                if previous is not None and renewed > previous:
+                    self._intervals[name] = renewed - previous
                 self._heartbeats[name] = renewed
 
     def _changed(self) -> None:

@@ -200,6 +200,12 @@ class NodeView:
     true_conditions: frozenset[str] = frozenset()  # condition types other than Ready that are True
     ready_since: float | None = None  # Ready's lastTransitionTime while it is True
     unschedulable: bool = False  # spec.unschedulable (cordoned)
+    heartbeat_interval: float | None = None  # seconds between the Lease's last two renewals
+
+
+#: A heartbeat counts as missed only this many renew intervals after the last one, whatever the
+#: grace: a kubelet renews its Lease every 10 s, so a shorter grace would take healthy nodes for lost.
+HEARTBEAT_SLACK = 1.5
 
 
 @dataclass(frozen=True)
@@ -416,13 +422,15 @@ def node_lost_at(node: NodeView | None, grace: float) -> float | None:
     """When the node counts as lost (a time; maybe in the future), or None if it is healthy.
 
     A deleted node is lost at once. Otherwise the earlier of: heartbeat (Lease) older than the
-    grace period, Ready condition not True for the grace period.
+    grace period (and than 1.5 of the node's own renew interval, as observed), Ready condition not
+    True for the grace period.
     """
     if node is None:
         return float("-inf")
     times = []
     if node.last_heartbeat is not None:
-        times.append(node.last_heartbeat + grace)
+        silence = max(grace, HEARTBEAT_SLACK * (node.heartbeat_interval or 0.0))
+        times.append(node.last_heartbeat + silence)
     if node.ready is not True and node.not_ready_since is not None:
         times.append(node.not_ready_since + grace)
     return min(times) if times else None
