@@ -919,7 +919,12 @@ def test_node_tracker_combines_ready_condition_and_lease() -> None:
             },
         },
     ]
-    leases = [{"metadata": {"name": "n1"}, "spec": {"renewTime": "2027-01-15T08:00:01.500000Z"}}]
+    leases = [
+        {
+            "metadata": {"name": "n1"},
+            "spec": {"renewTime": "2027-01-15T08:00:01.500000Z", "leaseDurationSeconds": 40},
+        }
+    ]
 
     class FakeKube:  # what the informers list; their watches are not started here
         def get(self, path: str, query: Any = None) -> dict[str, Any]:
@@ -935,6 +940,7 @@ def test_node_tracker_combines_ready_condition_and_lease() -> None:
     snap = tracker.snapshot()
     assert snap is not None
     assert snap["n1"].ready is True and snap["n1"].last_heartbeat == T0 + 1.5
+    assert snap["n1"].heartbeat_interval == 10.0  # one renewal seen: a kubelet's quarter of 40 s
     assert (
         snap["n2"].ready is None
         and snap["n2"].not_ready_since is not None

@@ -97,6 +97,7 @@ class NodeTracker:
         self._nodes: dict[str, _NodeState] | None = None
         self._heartbeats: dict[str, float] = {}
         self._intervals: dict[str, float] = {}  # between a Lease's last two renewals seen
+        self._durations: dict[str, float] = {}  # a Lease's leaseDurationSeconds
         self._silent_reported = False
         self.nodes = Informer(
             kube, "/api/v1/nodes", on_list=self.nodes_listed, on_event=self.node_event, name="nodes"
@@ -152,7 +153,7 @@ class NodeTracker:
                     st.ready,
                     st.not_ready_since,
                     self._heartbeats.get(name) if trusted else None,
-                    heartbeat_interval=self._intervals.get(name),
+                    heartbeat_interval=self._renew_interval(name),
                     taints=st.taints,
                     labels=st.labels or {},
                     true_conditions=st.true_conditions,
@@ -186,14 +187,27 @@ class NodeTracker:
         if (before.wakes if before else None) != (after.wakes if after else None):
             self._changed()
 
+    def _renew_interval(self, name: str) -> float | None:
+        """How often the node renews its Lease: as seen between its last two renewals, or before
+        two were seen, a quarter of the Lease's duration (a kubelet's ratio: 10 s of 40)."""
+        seen = self._intervals.get(name)
+        if seen is not None:
+            return seen
+        duration = self._durations.get(name)
+        return duration / 4 if duration else None
+
     def leases_listed(self, items: list[dict[str, Any]]) -> None:
-        heartbeats = {}
+        heartbeats, durations = {}, {}
         for lease in items:
-            renewed = parse_k8s_time((lease.get("spec") or {}).get("renewTime"))
+            spec = lease.get("spec") or {}
+            renewed = parse_k8s_time(spec.get("renewTime"))
             if renewed is not None:
                 heartbeats[_name(lease)] = renewed
+            if isinstance(spec.get("leaseDurationSeconds"), (int, float)):
+                durations[_name(lease)] = float(spec["leaseDurationSeconds"])
         with self._lock:
             self._heartbeats = heartbeats
+            self._durations = durations
 
     def lease_event(self, kind: str, lease: dict[str, Any]) -> None:
         name = _name(lease)
@@ -202,7 +216,11 @@ class NodeTracker:
             if kind == "DELETED" or renewed is None:
                 self._heartbeats.pop(name, None)
                 self._intervals.pop(name, None)
+                self._durations.pop(name, None)
             else:
+                duration = (lease.get("spec") or {}).get("leaseDurationSeconds")
+                if isinstance(duration, (int, float)):
+                    self._durations[name] = float(duration)
                 previous = self._heartbeats.get(name)
                 if previous is not None and renewed > previous:
                     self._intervals[name] = renewed - previous
