@@ -34,9 +34,12 @@ unit-min: binaries
 binaries:
 	bash e2e/cluster/build.sh
 	bash e2e/cluster/build-kueue.sh
+	bash e2e/cluster/install-node-tools.sh
 
-e2e: venv binaries
-	$(BIN)/pytest -q e2e
+# In a network namespace of their own (scripts/netns.sh says why); the image is built before, as
+# nothing in there reaches a package registry.
+e2e: venv binaries image
+	bash scripts/netns.sh $(BIN)/pytest -q e2e
 
 test: lint unit unit-min e2e
 

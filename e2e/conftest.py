@@ -10,6 +10,8 @@
   ``release_pods(ns, selector)``, ``pod_log(ns, name, container=None)``, ``status()``; after each
   test lost nodes are restored, holds released and paused pods resumed.
 * ``e2e.cluster.control.evict_pod(kube, ns, name)``: the real Eviction API (not the agent).
+* ``real_node`` (session, opt-in): a real kubelet node, ``real-0``, joined to the cluster with the
+  project's image (e2e/cluster/realnode.py); needs the network namespace of scripts/netns.sh.
 * ``wait_for(predicate, timeout, describe)``: polls until truthy, fails with a readable message.
 * ``kueue`` (session, opt-in): Kueue (built from its Go module, see e2e/cluster/kueue.py) running
   next to the control plane, its CRDs and webhooks installed; started the first time a test asks
@@ -25,6 +27,7 @@ import atexit
 import contextlib
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -145,6 +148,24 @@ def kueue(cluster: Cluster, kube: Any) -> Iterator[Any]:
     started = kueue_cluster.start(cluster, Kube(kube))
     yield started
     stop_pids({"kueue": started.pid}, cluster.state_dir, 10.0)
+
+
+@pytest.fixture(scope="session")
+def real_node(cluster: Cluster, kube: Any) -> Iterator[Any]:
+    from e2e.cluster import realnode
+    from relaunch.controller.kube import Kube
+
+    # The image as `make image` left it (cached: seconds; in the tests' network namespace there is
+    # no network, so a build that needs a download fails here, saying so).
+    built = subprocess.run(["bash", str(realnode.IMAGE_SH)], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, f"scripts/image.sh failed (run `make image` first):\n{built.stderr[-3000:]}"
+    try:
+        node = realnode.start(cluster, Kube(kube), images=(realnode.PROJECT_IMAGE,))
+    except realnode.RealNodeUnavailable as error:
+        pytest.fail(str(error))
+    yield node
+    problems = realnode.stop(cluster.state_dir)
+    assert not problems, f"the real node's teardown left: {problems}"
 
 
 @pytest.fixture(name="wait_for")

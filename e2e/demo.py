@@ -62,9 +62,16 @@ def set_flags(values: Mapping[str, str]) -> list[str]:
 
 
 def install_chart(
-    cluster: control.Cluster, release: str, namespace: str, values: Mapping[str, str], *, timeout_s: int = 180
+    cluster: control.Cluster,
+    release: str,
+    namespace: str,
+    values: Mapping[str, str],
+    *,
+    strings: Mapping[str, str] | None = None,
+    timeout_s: int = 180,
 ) -> str:
-    """``helm upgrade --install --wait`` of charts/relaunch; returns Helm's output (with NOTES.txt)."""
+    """``helm upgrade --install --wait`` of charts/relaunch; returns Helm's output (with NOTES.txt).
+    ``strings``: values given with ``--set-string`` (kept strings even when they read as booleans)."""
     result = helm(
         cluster,
         "upgrade",
@@ -77,6 +84,7 @@ def install_chart(
         "--wait",
         f"--timeout={timeout_s}s",
         *set_flags(values),
+        *(flag for key, value in (strings or {}).items() for flag in ("--set-string", f"{key}={value}")),
         timeout=timeout_s + 30,
     )
     return result.stdout

@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         "--kueue", action="store_true",
         help="also start Kueue (built by build-kueue.sh), configured for TrainingJobs (e2e/cluster/kueue.py)",
     )  # fmt: skip
+    up_parser.add_argument(
+        "--real-node", action="store_true",
+        help="also join a real kubelet node on containerd with the project's image (e2e/cluster/realnode.py; "
+        "only inside the network namespace of scripts/netns.sh)",
+    )  # fmt: skip
     sub.add_parser("down", help="stop every process of the cluster")
     sub.add_parser("status", help="print the cluster's processes, ports and nodes as JSON")
     args = parser.parse_args(argv)
@@ -39,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
                     client = cluster.api_client()
                     kueue.start(cluster, Kube(client))
+                    client.close()
+                if args.real_node:
+                    from e2e.cluster import realnode
+                    from relaunch.controller.kube import Kube
+
+                    client = cluster.api_client()
+                    realnode.start(cluster, Kube(client), images=(realnode.PROJECT_IMAGE,))
                     client.close()
             except AlreadyRunning:
                 raise

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the testbed's binaries (kube-apiserver, kube-controller-manager, kube-scheduler,
-# kubectl, etcd, helm) from the Go module proxy at pinned versions, once, into
+# kubectl, etcd, helm; the real node's kubelet and pod-sandbox `pause`) from the Go module proxy
+# at pinned versions, once, into
 #   ${RELAUNCH_CACHE:-~/.cache/relaunch}/bin/<component>-<version>/
 # A binary already in the cache is reused; a cold build takes about 10 minutes on 2 cores.
 # Prints the directory holding all binaries on its last line.
@@ -47,6 +48,8 @@ build_one kube-scheduler "$here/k8s" k8s.io/kubernetes/cmd/kube-scheduler "$k8s_
 build_one kube-apiserver "$here/k8s" k8s.io/kubernetes/cmd/kube-apiserver "$k8s_flags"
 build_one kube-controller-manager "$here/k8s" k8s.io/kubernetes/cmd/kube-controller-manager "$k8s_flags"
 build_one kubectl "$here/k8s" k8s.io/kubernetes/cmd/kubectl "$k8s_flags"
+build_one kubelet "$here/k8s" k8s.io/kubernetes/cmd/kubelet "$k8s_flags"
+build_one pause "$here/pause" . "-s -w"
 build_one etcd "$here/etcd" . "-s -w"
 
 # helm stamped like its own release build: `helm template` (without --kube-version) and `helm lint`

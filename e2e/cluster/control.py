@@ -670,6 +670,11 @@ def down(state_dir: Path | None = None, quiet: bool = False) -> list[str]:
         if not quiet:
             log(f"no cluster recorded in {state_dir}")
         return problems
+    if any(name in cluster.pids for name in ("kubelet", "containerd")):
+        from e2e.cluster import realnode
+
+        problems += realnode.stop(state_dir, quiet=quiet)
+        cluster = Cluster.load(state_dir) or cluster
     deadlines = {"node-agent": 20.0, "kube-apiserver": 10.0}
     for name in STOP_ORDER:
         if name in cluster.pids:
