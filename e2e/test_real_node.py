@@ -53,17 +53,8 @@ def image_operator(cluster: control.Cluster, real_node: realnode.RealNode) -> It
     """The chart, installed with the built image, its operator pod on the real node, serving every
     namespace for this module's tests; uninstalled after them."""
     release, namespace = f"rn{uuid.uuid4().hex[:6]}", f"relaunch-real-{uuid.uuid4().hex[:5]}"
-    repository, tag = IMAGE.rsplit(":", 1)
-    values = {
-        "image.repository": repository,
-        "image.tag": tag,
-        "image.pullPolicy": "Never",
-        "tolerations[0].key": realnode.NODE_KEY,
-        "tolerations[0].operator": "Exists",
-        "tolerations[0].effect": "NoSchedule",
-    }
-    selector = {f"nodeSelector.{realnode.NODE_KEY.replace('.', chr(92) + '.')}": "true"}
-    install_chart(cluster, release, namespace, values, strings=selector)
+    values, strings = realnode.chart_values(IMAGE)
+    install_chart(cluster, release, namespace, values, strings=strings)
     try:
         pods = control.wait_for(
             lambda: [

@@ -150,6 +150,21 @@ class RealNode:
         return set(listed.stdout.split())
 
 
+def chart_values(image: str = PROJECT_IMAGE) -> tuple[dict[str, str], dict[str, str]]:
+    """Helm values that run the chart's operator from ``image`` on the real node: those for
+    ``--set``, and those for ``--set-string`` (the label value "true" must stay a string)."""
+    repository, tag = image.rsplit(":", 1)
+    values = {
+        "image.repository": repository,
+        "image.tag": tag,
+        "image.pullPolicy": "Never",
+        "tolerations[0].key": NODE_KEY,
+        "tolerations[0].operator": "Exists",
+        "tolerations[0].effect": "NoSchedule",
+    }
+    return values, {f"nodeSelector.{NODE_KEY.replace('.', chr(92) + '.')}": "true"}
+
+
 def _podman(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(IMAGE_SH), "podman", *args], capture_output=True, text=True, timeout=timeout
