@@ -506,6 +506,20 @@ def test_cli_reshard_prints_json_progress_and_done(
     assert marker is not None and marker["durable"] is False
 
 
+def converting(destination: str) -> list[int]:
+    """Live processes whose command line names ``destination`` (a conversion and its workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if destination.encode() in argv and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
 @pytest.mark.slow
 def test_killed_conversion_is_never_mistaken_for_a_finished_one(tmp_path: Path) -> None:
     nrng = np.random.default_rng(9)
@@ -530,12 +544,18 @@ def test_killed_conversion_is_never_mistaken_for_a_finished_one(tmp_path: Path) 
         time.sleep(rng.uniform(0.0, 0.02))
         process.send_signal(signal.SIGKILL)
         process.wait()
+        # The kernel kills the workers (forked: the same command line) with their parent; a write
+        # already in flight may still land. They are gone within moments, and nothing is written after.
+        deadline = time.monotonic() + 5
+        while converting(str(dst)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not converting(str(dst)), "a worker outlived its killed parent"
         staging = list(tmp_path.glob("out.staging-*"))
         if staging:
             mid_conversion_kills += 1
             sizes = snapshot(str(staging[0]))
             time.sleep(0.3)
-            assert snapshot(str(staging[0])) == sizes, "a worker outlived its killed parent"
+            assert snapshot(str(staging[0])) == sizes, "something wrote after the workers were gone"
         if dst.exists():  # published means complete
             assert is_complete(dst) is not None
             assert_rank_files(same_as(model, (2, 2)), dst)
