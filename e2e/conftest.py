@@ -175,8 +175,9 @@ def wait_for_fixture() -> Callable[..., Any]:
 
 def _testbed_logs(cluster: Cluster, namespace: str | None) -> str:
     parts = []
-    for component in ("node-agent", "kube-controller-manager", "kube-scheduler", "kube-apiserver", "kueue"):
-        if component not in cluster.pids and component == "kueue":
+    optional = ("kueue", "kubelet", "containerd")  # started only when a test asked for them
+    for component in ("node-agent", "kube-controller-manager", "kube-scheduler", "kube-apiserver", *optional):
+        if component not in cluster.pids and component in optional:
             continue
         parts.append(f"--- {component} (tail) ---\n{cluster.log_tail(component, 30)}")
     if namespace:

@@ -490,6 +490,8 @@ def stop(state_dir: Path, quiet: bool = False) -> list[str]:
     for sandbox in owned_sandboxes:
         with contextlib.suppress(OSError):
             os.unlink(sandbox)
+    if not _mounts_under((f"{run}/",)):
+        shutil.rmtree(run, ignore_errors=True)
     end = time.monotonic() + 5
     while time.monotonic() < end and _shims(socket):
         time.sleep(0.1)
