@@ -71,6 +71,7 @@ from e2e.cluster.control import _kubeconfig as write_kubeconfig
 from e2e.cluster.pki import Pki, ensure_leaf
 from e2e.nodeagent.client import Kube as RawKube
 from e2e.nodeagent.common import POD_MARKER_ENV
+from e2e.nodeagent.pods import process_tree
 from e2e.test_recovery import OperatorProcess, install_crd, trainer_config, trainingjob
 from relaunch.controller.kube import Kube
 
@@ -229,30 +230,9 @@ class Observed:
 # what /proc and /metrics show
 
 
-def process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(f"/proc/{entry.name}/stat").read_text()
-            except OSError:
-                continue
-            children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry.name))
-    found, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        found.append(pid)
-        stack.extend(children.get(pid, []))
-    return found
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` (its threads included; 0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return _times(pid)[0]
 
 
 def _times(pid: int) -> tuple[float, float]:

@@ -59,7 +59,8 @@ from e2e.cluster.control import (
     stop_pids,
     wait_for,
 )
-from e2e.cluster.pki import ensure_leaf
+from e2e.cluster.pki import Pki, ensure_leaf
+from e2e.nodeagent.pods import process_tree
 
 NODE_NAME = "real-0"
 #: Label and NoSchedule taint of the real node: pods that tolerate it (and select it) run there.
@@ -144,10 +145,6 @@ class RealNode:
         done = self.ctr("tasks", "kill", "--signal", sig, container_id.removeprefix("containerd://"))
         if done.returncode != 0:
             raise ClusterError(f"ctr tasks kill {container_id}: {done.stderr.strip()}")
-
-    def images(self) -> set[str]:
-        listed = self.ctr("images", "list", "--quiet")
-        return set(listed.stdout.split())
 
 
 def chart_values(image: str = PROJECT_IMAGE) -> tuple[dict[str, str], dict[str, str]]:
@@ -382,8 +379,6 @@ def start(cluster: Cluster, kube: Any, images: tuple[str, ...] = ()) -> RealNode
     ensure_leaf(
         pki_root, f"{user}-serving", f"/CN={NODE_NAME}", "serverAuth", (f"IP:{address}", f"DNS:{NODE_NAME}")
     )
-    from e2e.cluster.pki import Pki
-
     kubeconfig = root / "kubelet.kubeconfig"
     _kubeconfig(kubeconfig, cluster.api_url, Pki(pki_root), user)
     kubelet_port, healthz_port = free_ports(2)
@@ -409,25 +404,6 @@ def start(cluster: Cluster, kube: Any, images: tuple[str, ...] = ()) -> RealNode
     wait_for(ready, 90, lambda: f"node {NODE_NAME} Ready; kubelet log:\n{cluster.log_tail('kubelet', 30)}")
     log(f"real node {NODE_NAME} Ready at {address} ({time.monotonic() - started:.1f} s)")
     return node
-
-
-def _descendants(roots: list[int]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry.name))
-    found: list[int] = []
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
 
 
 def _shims(socket: Path) -> list[int]:
@@ -477,7 +453,7 @@ def stop(state_dir: Path, quiet: bool = False) -> list[str]:
         stop_pids({"kubelet": pids.pop("kubelet")}, state_dir, 10.0)
     # every container's processes, then their shims: nothing of a pod survives the node
     shims = _shims(socket)
-    for pid in reversed(_descendants(shims)):
+    for pid in reversed([p for shim in shims for p in process_tree(shim)]):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     stop_pids(pids, state_dir, 10.0)
