@@ -10,6 +10,7 @@
   ``release_pods(ns, selector)``, ``pod_log(ns, name, container=None)``, ``status()``; after each
   test lost nodes are restored, holds released and paused pods resumed.
 * ``e2e.cluster.control.evict_pod(kube, ns, name)``: the real Eviction API (not the agent).
+* ``image`` (session, opt-in): the operator's image built by scripts/image.sh (its ID).
 * ``real_node`` (session, opt-in): a real kubelet node, ``real-0``, joined to the cluster with the
   project's image (e2e/cluster/realnode.py); needs the network namespace of scripts/netns.sh.
 * ``wait_for(predicate, timeout, describe)``: polls until truthy, fails with a readable message.
@@ -39,6 +40,7 @@ from e2e.cluster import AgentControl, Cluster, ClusterError, down, up, wait_for
 from e2e.cluster.control import REPO_ROOT, owned_by_another_process
 
 TEST_CLUSTER_DIR = REPO_ROOT / ".e2e-logs" / "cluster"
+IMAGE_SH = REPO_ROOT / "scripts" / "image.sh"
 _SESSION: dict[str, Any] = {}  # the cluster in use, for the failure report hook
 _NAMESPACE_KEY = pytest.StashKey[str]()  # each test's namespace, for the failure report hook
 
@@ -151,14 +153,20 @@ def kueue(cluster: Cluster, kube: Any) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def real_node(cluster: Cluster, kube: Any) -> Iterator[Any]:
+def image() -> str:
+    """The ID of the image ``scripts/image.sh`` builds, as `make image` left it (cached: seconds; in
+    the tests' network namespace there is no network, so a build that needs a download fails here,
+    saying so)."""
+    built = subprocess.run(["bash", str(IMAGE_SH)], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, f"scripts/image.sh failed (run `make image` first):\n{built.stderr[-4000:]}"
+    return built.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def real_node(cluster: Cluster, kube: Any, image: str) -> Iterator[Any]:
     from e2e.cluster import realnode
     from relaunch.controller.kube import Kube
 
-    # The image as `make image` left it (cached: seconds; in the tests' network namespace there is
-    # no network, so a build that needs a download fails here, saying so).
-    built = subprocess.run(["bash", str(realnode.IMAGE_SH)], capture_output=True, text=True, timeout=900)
-    assert built.returncode == 0, f"scripts/image.sh failed (run `make image` first):\n{built.stderr[-3000:]}"
     try:
         node = realnode.start(cluster, Kube(kube), images=(realnode.PROJECT_IMAGE,))
     except realnode.RealNodeUnavailable as error:

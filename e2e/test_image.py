@@ -17,7 +17,6 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-import pytest
 
 from relaunch.convert import is_complete
 from relaunch.strategy import Layout
@@ -43,13 +42,6 @@ def _read_only_for_others(root: Path) -> None:
         os.chmod(base, 0o555)
         for name in files:
             os.chmod(os.path.join(base, name), 0o444)
-
-
-@pytest.fixture(scope="module")
-def image() -> str:
-    built = subprocess.run(["bash", str(IMAGE_SH)], capture_output=True, text=True, timeout=900)
-    assert built.returncode == 0, f"scripts/image.sh failed:\n{built.stderr[-4000:]}"
-    return built.stdout.strip().splitlines()[-1]
 
 
 def _run(image: str, *args: str, mounts: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
