@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.recovery import parse_time, percentile, wait
+from bench.recovery import baseline_pod_start, parse_time, percentile, wait
 from e2e.cluster import down, realnode, up
 from e2e.cluster.control import free_ports
 from e2e.demo import install_chart
@@ -50,28 +50,19 @@ def healthy(url: str) -> bool:
 
 def pod_starts(api: Kube, namespace: str, trials: int, real: bool) -> list[float]:
     """Seconds from creating a bare pod to it Running, on the real node or the emulated one."""
-    times = []
-    for i in range(trials):
-        name = f"{'real' if real else 'emulated'}-{i}"
-        spec: dict[str, Any] = {
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 0,
-            "containers": [{"name": "c", "image": "x", "command": ["sleep", "30"]}],
-        }
-        if real:
-            spec["containers"][0].update(image=realnode.PROJECT_IMAGE, imagePullPolicy="Never")
-            spec["nodeSelector"] = {realnode.NODE_KEY: "true"}
-            spec["tolerations"] = [{"key": realnode.NODE_KEY, "operator": "Exists"}]
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
-        path = f"{collection_path('Pod', namespace)}/{name}"
-        start = time.monotonic()
-        api.create(collection_path("Pod", namespace), pod)
-        running = lambda p=path: (api.get(p) or {}).get("status", {}).get("phase") == "Running"  # noqa: E731
-        wait(running, 120, f"pod {name}")
-        times.append(time.monotonic() - start)
-        api.delete(path, grace_seconds=0)
-    wait(lambda: not api.list(collection_path("Pod", namespace)), 120, "the pods gone")
-    return times
+    if not real:
+        return baseline_pod_start(api, namespace, trials, prefix="emulated")
+    return baseline_pod_start(
+        api,
+        namespace,
+        trials,
+        prefix="real",
+        container={"image": realnode.PROJECT_IMAGE, "imagePullPolicy": "Never"},
+        placement={
+            "nodeSelector": {realnode.NODE_KEY: "true"},
+            "tolerations": [{"key": realnode.NODE_KEY, "operator": "Exists"}],
+        },
+    )
 
 
 def operator_in_container(cluster: Any, api: Kube, trials: int) -> list[float]:

@@ -150,11 +150,20 @@ def bench_namespace(cluster: Cluster) -> tuple[Kube, str]:
     return api, namespace
 
 
-def baseline_pod_start(api: Kube, namespace: str, trials: int) -> list[float]:
-    """Seconds from creating a bare pod to it Running: the floor any restart pays."""
+def baseline_pod_start(
+    api: Kube,
+    namespace: str,
+    trials: int,
+    *,
+    prefix: str = "baseline",
+    container: dict[str, Any] | None = None,
+    placement: dict[str, Any] | None = None,
+) -> list[float]:
+    """Seconds from creating a bare pod to it Running: the floor any restart pays. ``container``:
+    fields for its one container (an image, say); ``placement``: pod-spec fields (a nodeSelector)."""
     times = []
     for i in range(trials):
-        name = f"baseline-{i}"
+        name = f"{prefix}-{i}"
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -162,7 +171,8 @@ def baseline_pod_start(api: Kube, namespace: str, trials: int) -> list[float]:
             "spec": {
                 "restartPolicy": "Never",
                 "terminationGracePeriodSeconds": 0,
-                "containers": [{"name": "c", "image": "x", "command": ["sleep", "30"]}],
+                "containers": [{"name": "c", "image": "x", "command": ["sleep", "30"], **(container or {})}],
+                **(placement or {}),
             },
         }
         start = time.monotonic()
